@@ -11,7 +11,7 @@ from flashport.errors import RequestError
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy (as in vLLM, anything below 1e-5 is greedy)
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0 = all tokens
     seed: int | None = None
@@ -21,6 +21,12 @@ class SamplingParams:
     logprobs: int | None = None  # top-N log-probabilities per generated token (plus the chosen one)
     prompt_logprobs: int | None = None  # same for prompt tokens; 0 = only the prompt's own token
     skip_special_tokens: bool = True
+    # Added after the first release: appended so positional construction keeps its meaning.
+    n: int = 1  # completions per prompt
+    min_p: float = 0.0  # drop tokens whose probability is below min_p * the top token's
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the output
+    repetition_penalty: float = 1.0  # > 1 discourages tokens seen in the prompt or the output
 
     def __post_init__(self) -> None:
         # Normalise list-like fields to tuples so the object stays hashable and immutable.
@@ -37,6 +43,8 @@ class SamplingParams:
         def bad(name: str, why: str) -> RequestError:
             return RequestError(f"SamplingParams.{name} = {getattr(self, name)!r}: {why}")
 
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 128:
+            raise bad("n", "must be an integer in [1, 128]")
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise bad("max_tokens", "must be an integer >= 1")
         if not _is_number(self.temperature) or self.temperature < 0:
@@ -45,6 +53,13 @@ class SamplingParams:
             raise bad("top_p", "must be in (0, 1]")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             raise bad("top_k", "must be -1 (all), 0 (all) or a positive integer")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "must be in [-2, 2]")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be a finite number > 0")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise bad("seed", "must be an integer or None")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -58,7 +73,11 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < 1e-5
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 def _is_number(x: object) -> bool:

@@ -97,9 +97,9 @@ def test_stop_string_and_stop_token(llm):
 def test_eos_ends_generation_unless_ignored(llm, monkeypatch):
     base = llm.generate(["Once upon a time"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     ids = base.outputs[0].token_ids
-    assert llm.tokenizer.eos_token_id in llm.eos_token_ids
+    assert llm.tokenizer.eos_token_id in llm.engine.eos_token_ids
     # Treat a token we know greedy decoding produces as EOS for this test.
-    monkeypatch.setattr(llm, "eos_token_ids", frozenset({ids[4]}))
+    monkeypatch.setattr(llm.engine, "eos_token_ids", frozenset({ids[4]}))
     out = llm.generate(["Once upon a time"], SamplingParams(max_tokens=12, temperature=0))[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason is None
     assert out.token_ids == ids[: ids.index(ids[4]) + 1]
@@ -123,7 +123,9 @@ def test_prompt_longer_than_max_model_len(tiny_model_dir):
     small = LLM(model=str(tiny_model_dir), device="cpu", dtype="float32", max_model_len=8, progress=False)
     with pytest.raises(RequestError, match="max_model_len"):
         small.generate([list(range(2, 12))], GREEDY)
-    out = small.generate([[5, 6, 7]], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    with pytest.raises(RequestError, match="max_tokens is 100"):
+        small.generate([[5, 6, 7]], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    out = small.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 5 and out.outputs[0].finish_reason == "length"
 
 

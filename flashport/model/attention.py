@@ -19,7 +19,7 @@ from torch import nn
 from flashport.config import CSA, HCA, SWA, ModelConfig
 from flashport.model.compressor import Compressor, Indexer
 from flashport.model.layers import Linear, RMSNorm, RotaryTables, apply_rope, rms_unweighted
-from flashport.model.state import LayerState
+from flashport.model.state import LayerCache
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ class Attention(nn.Module):
             self.compressor = Compressor(H, D, cfg.compress_rate_hca, False, dtype, cfg.rms_norm_eps, device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryTables, seqs: list[SeqSlice],
-                states: list[LayerState]) -> torch.Tensor:
-        """x [N, hidden], positions [N] -> [N, hidden]; updates each sequence's layer state."""
+                cache: LayerCache) -> torch.Tensor:
+        """x [N, hidden], positions [N] -> [N, hidden]; advances each sequence's state in `cache`."""
         N = x.shape[0]
         cos, sin = rope.cos_sin(positions, compress=self.kind != SWA, dtype=x.dtype)  # [N, rope/2]
 
@@ -76,28 +76,28 @@ class Attention(nn.Module):
             iq, iw = self.indexer.queries(qr, x, cos, sin)
 
         out = torch.empty_like(q)
-        for seq, st in zip(seqs, states):
+        for i, seq in enumerate(seqs):
             sl = slice(seq.start, seq.start + seq.length)
             pos = positions[sl]
+            st = cache.begin(i)
             win = torch.cat([st.window, kv[sl]])  # [P+T, D]: the last P+T tokens
             key_pos = pos[-1] - win.shape[0] + 1 + torch.arange(win.shape[0], device=x.device)
             d = pos.unsqueeze(-1) - key_pos  # [T, P+T] distance query - key
             allowed = (d >= 0) & (d < self.window)
+            keys, closed, closed_index = win, None, None
             if self.compressor is not None:
                 c = self.compressor
-                c.update(st.compressor, comp_kv[sl], comp_gate[sl], rope)
+                closed = c.update(st.compressor, comp_kv[sl], comp_gate[sl], rope)
                 entries = st.compressor.entries  # [n, D]
                 if self.indexer is not None:
-                    self.indexer.compressor.update(st.indexer, idx_kv[sl], idx_gate[sl], rope)
+                    closed_index = self.indexer.compressor.update(st.indexer, idx_kv[sl], idx_gate[sl], rope)
                     visible = self.indexer.select(iq[sl], iw[sl], st.indexer.entries, pos)
                 else:
                     visible = torch.arange(entries.shape[0], device=x.device) < ((pos + 1) // c.rate).unsqueeze(-1)
                 keys = torch.cat([win, entries])
                 allowed = torch.cat([allowed, visible], dim=-1)
-            else:
-                keys = win
             out[sl] = self._core(q[sl], keys, allowed)
-            st.window = win[max(0, win.shape[0] - (self.window - 1)):]
+            cache.commit(i, st, kv[sl], closed, closed_index)
 
         out = apply_rope(out, cos, -sin)  # undo the absolute rope the values carried
         g = self.o_groups

@@ -30,19 +30,27 @@ class Compressor(nn.Module):
         """x [N, hidden] -> raw (kv, gate) [N, width] for all tokens of a batch."""
         return self.wkv(x), self.wgate(x)
 
-    def update(self, st: CompressorState, kv: torch.Tensor, gate: torch.Tensor, rope: RotaryTables) -> None:
-        """Append one sequence's new raw rows [T, width]; close every full block into `st.entries`."""
+    def update(self, st: CompressorState, kv: torch.Tensor, gate: torch.Tensor, rope: RotaryTables
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Append one sequence's new raw rows [T, width]; close every full block into `st.entries`.
+
+        CSA returns the overlap halves of the blocks it closed, (Ca [n, rate, dim], gate [n, rate,
+        dim] fp32 with the bias): block j's pair is the overlap state after it, which a paged
+        cache keeps at block boundaries for prefix reuse. HCA returns None.
+        """
         m, d = self.rate, self.dim
         kv = torch.cat([st.pending_kv, kv])
         gate = torch.cat([st.pending_gate, gate])
         usable = (kv.shape[0] // m) * m
         st.pending_kv, st.pending_gate = kv[usable:], gate[usable:]
         if usable == 0:
-            return
+            return None
         n = usable // m
         ck = kv[:usable].view(n, m, -1)
         cg = gate[:usable].view(n, m, -1) + self.ape  # fp32
+        closed = None
         if self.overlap:
+            closed = ck[..., :d], cg[..., :d]
             slot_kv = ck.new_zeros(n, 2 * m, d)
             slot_gate = cg.new_full((n, 2 * m, d), float("-inf"))  # -inf: no previous block yet
             slot_kv[:, m:], slot_gate[:, m:] = ck[..., d:], cg[..., d:]
@@ -57,6 +65,7 @@ class Compressor(nn.Module):
         cos, sin = rope.cos_sin(positions, compress=True, dtype=entries.dtype)
         entries = apply_rope(entries.unsqueeze(1), cos, sin).squeeze(1)
         st.entries = torch.cat([st.entries, entries])
+        return closed
 
 
 class Indexer(nn.Module):

@@ -20,7 +20,7 @@ from flashport.model.attention import Attention, SeqSlice
 from flashport.model.layers import RMSNorm, RotaryTables
 from flashport.model.mhc import HyperConnection, HyperHead, post_update
 from flashport.model.moe import MoE
-from flashport.model.state import LayerState, SequenceState
+from flashport.model.state import DenseCache, LayerCache, ModelCache, SequenceState
 
 
 class Block(nn.Module):
@@ -36,10 +36,10 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, layer, dtype, fp8_dtype, device)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor, rope: RotaryTables,
-                seqs: list[SeqSlice], states: list[LayerState]) -> torch.Tensor:
+                seqs: list[SeqSlice], cache: LayerCache) -> torch.Tensor:
         """x [N, hc, hidden] -> [N, hc, hidden]."""
         u, post, comb = self.hc_attn.pre(x)
-        y = self.attn(self.attn_norm(u), positions, rope, seqs, states)
+        y = self.attn(self.attn_norm(u), positions, rope, seqs, cache)
         x = post_update(x, y, post, comb)
         u, post, comb = self.hc_ffn.pre(x)
         y = self.ffn(self.ffn_norm(u), token_ids)
@@ -70,7 +70,7 @@ class DeepseekV4(nn.Module):
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, seq_lens: list[int], states: list[SequenceState],
                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the new tokens of several sequences.
+        """Run the new tokens of several sequences over the model's own per-sequence states.
 
         token_ids [N] holds each sequence's new tokens back to back (seq_lens[i] of them, N = sum);
         each continues from its state, which is updated. Returns logits [R, vocab] in the model
@@ -83,12 +83,20 @@ class DeepseekV4(nn.Module):
             positions.append(torch.arange(st.num_tokens, st.num_tokens + n))
             start += n
         pos = torch.cat(positions).to(token_ids.device)
+        logits = self.run(token_ids, pos, seqs, DenseCache(states, self.cfg.sliding_window), logits_rows)
+        for n, st in zip(seq_lens, states):
+            st.num_tokens += n
+        return logits
+
+    @torch.inference_mode()
+    def run(self, token_ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], cache: ModelCache,
+            logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward over any state store: token_ids [N] and positions [N] of the flat batch,
+        `seqs` where each sequence's tokens sit, `cache` its state. -> logits [R, vocab]."""
         x = self.embed(token_ids)  # [N, hidden]
         x = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()  # [N, hc, hidden]: hc equal streams
         for i, block in enumerate(self.layers):
-            x = block(x, token_ids, pos, self.rope, seqs, [st.layers[i] for st in states])
-        for n, st in zip(seq_lens, states):
-            st.num_tokens += n
+            x = block(x, token_ids, positions, self.rope, seqs, cache.layer(i))
         if logits_rows is not None:
             x = x[logits_rows]
         return self.head(self.norm(self.hc_head(x)))

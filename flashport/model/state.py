@@ -9,6 +9,7 @@ paged engine keeps the same quantities in pre-allocated pools.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -60,3 +61,49 @@ class SequenceState:
                 st.compressor = comp(cfg.head_dim, cfg.head_dim)
             layers.append(st)
         return SequenceState(layers=layers)
+
+
+# The overlap halves of the CSA blocks a call closed: (Ca [n, rate, dim], gate [n, rate, dim] fp32).
+ClosedBlocks = tuple[torch.Tensor, torch.Tensor] | None
+
+
+class LayerCache(Protocol):
+    """One layer's view of the state of the sequences in a batch.
+
+    `begin(i)` gives sequence i's state before this call as a dense `LayerState` (its window
+    holds the rows of the tokens before this call that the window still needs); the attention
+    layer advances its compressor states in place; `commit` stores the result, given the new
+    tokens' K=V rows and the CSA blocks closed by the main and the indexer compressor.
+    """
+
+    def begin(self, i: int) -> LayerState: ...
+
+    def commit(self, i: int, st: LayerState, kv_new: torch.Tensor, closed: ClosedBlocks,
+               closed_index: ClosedBlocks) -> None: ...
+
+
+class ModelCache(Protocol):
+    def layer(self, index: int) -> LayerCache: ...
+
+
+class DenseCache:
+    """`ModelCache` over the model's own per-sequence states."""
+
+    def __init__(self, states: list[SequenceState], window: int) -> None:
+        self.states, self.window = states, window
+
+    def layer(self, index: int) -> _DenseLayer:
+        return _DenseLayer(self, index)
+
+
+class _DenseLayer:
+    def __init__(self, cache: DenseCache, index: int) -> None:
+        self.cache, self.index = cache, index
+
+    def begin(self, i: int) -> LayerState:
+        return self.cache.states[i].layers[self.index]
+
+    def commit(self, i: int, st: LayerState, kv_new: torch.Tensor, closed: ClosedBlocks,
+               closed_index: ClosedBlocks) -> None:
+        win = torch.cat([st.window, kv_new])
+        st.window = win[max(0, win.shape[0] - (self.cache.window - 1)):]

@@ -1,0 +1,250 @@
+"""The engine: requests in, tokens out, one `step()` at a time (for `LLM` and the server).
+
+    step() = schedule -> execute -> update
+
+The scheduler plans (pure Python), the runner runs the model over the state pools and samples
+on the device, and the engine applies what needs text: detokenization, stop strings, EOS and
+stop tokens. A request with `n > 1` runs as n sequences that share the prompt's cached blocks
+through prefix reuse.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from flashport.engine.config import SchedulerConfig
+from flashport.engine.memory import CapacityReport, plan_cache
+from flashport.engine.pools import StatePools, check_block_size, default_block_size
+from flashport.engine.request import Request, RequestStatus
+from flashport.engine.runner import ModelRunner, SeqSampling
+from flashport.engine.scheduler import Scheduler
+from flashport.errors import FlashportError, RequestError
+from flashport.model.loader import load_model
+from flashport.platform import detect_platform
+from flashport.sampling_params import CompletionOutput, Logprobs, RequestOutput, SamplingParams
+from flashport.tokenizer import IncrementalDetokenizer, Tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Sequence:
+    """One of a request's n samples, as the engine tracks it."""
+
+    seq_id: str
+    index: int
+    sampling: SeqSampling
+    detok: IncrementalDetokenizer | None
+    text: str = ""
+    logprobs: list[Logprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _Group:
+    """A user request: its prompt and its n sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[_Sequence]
+    prompt_logprobs: list[Logprobs | None] | None = None
+    deferred: list[Request] = field(default_factory=list)  # samples 2..n, added once the prompt is cached
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+
+class Engine:
+    def __init__(self, model: str | Path, *, device: str = "auto", dtype: str = "auto", load_format: str = "auto",
+                 num_layers: int | None = None, dequantize: bool = False, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, block_size: int | None = None,
+                 gpu_memory_utilization: float = 0.9, cache_bytes: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0, progress: bool = True,
+                 log: Callable[[str], None] | None = print) -> None:
+        self.platform = detect_platform(None if device == "auto" else device)
+        self.device = torch.device("cpu" if self.platform.backend == "cpu" else "cuda")
+        if dtype == "auto":  # bf16 is the checkpoint dtype; CPUs run fp32 much faster than bf16
+            torch_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        elif dtype in _DTYPES:
+            torch_dtype = _DTYPES[dtype]
+        else:
+            raise FlashportError(f"dtype {dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
+        self.model, self.config = load_model(
+            model, device=self.device, dtype=torch_dtype, load_format=load_format, num_layers=num_layers,
+            dequantize=dequantize, fp8_dtype=self.platform.fp8_dtype, seed=seed, progress=progress)
+        model_dir = Path(model)
+        self.tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
+        limit = self.config.max_position_embeddings
+        if max_model_len is not None and not 1 < max_model_len <= limit:
+            raise FlashportError(f"max_model_len = {max_model_len}: must be in [2, {limit}] (the model's "
+                                 "max_position_embeddings)")
+        self.sched_config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                            max_model_len=max_model_len or min(limit, 8192))
+        block_size = block_size or default_block_size(self.model.cfg)
+        check_block_size(self.model.cfg, block_size)
+        self.cache_config, self.capacity = plan_cache(
+            self.model, self.sched_config, block_size, enable_prefix_caching=enable_prefix_caching,
+            gpu_memory_utilization=gpu_memory_utilization, cache_bytes=cache_bytes)
+        self.pools = StatePools(self.model.cfg, self.cache_config, self.model.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.pools)
+        self.scheduler = Scheduler(self.sched_config, self.cache_config)
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self._rng = random.Random(seed)
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (prefix hits excluded)
+        self.num_steps = 0
+        self._groups: dict[str, _Group] = {}
+        self._seq_group: dict[str, _Group] = {}  # sequence id -> its request
+        self._seqs: dict[str, _Sequence] = {}  # sequence id -> the sequence
+        if log is not None:
+            for line in self.capacity_report_lines():
+                log(line)
+
+    # ------------------------------------------------------------------ public
+    def capacity_report_lines(self) -> list[str]:
+        return self.capacity.lines(self.cache_config, self.sched_config)
+
+    @property
+    def capacity_report(self) -> CapacityReport:
+        return self.capacity
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self._groups:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        max_len = self.sched_config.max_model_len
+        if len(ids) + params.max_tokens > max_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
+                               f"together more than max_model_len {max_len}")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer (the model directory has no tokenizer.json)")
+        group = _Group(request_id, text, ids, params, [],
+                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        reqs = []
+        for k in range(params.n):
+            seq_id = request_id if params.n == 1 else f"{request_id}#{k}"
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=ids,
+                                               skip_special_tokens=params.skip_special_tokens, stop=list(params.stop))
+            sampling = SeqSampling(params, base_seed + k, ids, [])
+            group.seqs.append(_Sequence(seq_id, k, sampling, detok,
+                                        logprobs=[] if params.logprobs is not None else None))
+            # Only the first sample computes prompt logprobs; the others reuse its cached prefix.
+            reqs.append(Request(seq_id, ids, params.max_tokens, sampling_params=params,
+                                want_prompt_logprobs=params.prompt_logprobs is not None and k == 0))
+        # Samples 2..n join once the first has computed the prompt, so they reuse its cached blocks.
+        self.scheduler.add_request(reqs[0])
+        group.deferred = reqs[1:]
+        for s, r in zip(group.seqs, reqs):
+            # The runner reads the scheduler's live output list for penalties and the step index.
+            s.sampling = SeqSampling(params, s.sampling.seed, ids, r.output_token_ids)
+            self._seq_group[s.seq_id] = group
+            self._seqs[s.seq_id] = s
+        self._groups[request_id] = group
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its state (unknown ids are ignored)."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        group.deferred = []
+        for s in group.seqs:
+            self.scheduler.abort(s.seq_id)
+            self._seq_group.pop(s.seq_id, None)
+            self._seqs.pop(s.seq_id, None)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the current output of every request that progressed."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        self.num_steps += 1
+        for s in plan.seqs:
+            num_prompt = len(self._seq_group[s.request_id].prompt_ids)
+            self.num_prompt_tokens_computed += max(0, min(s.start_pos + len(s.token_ids), num_prompt) - s.start_pos)
+        result = self.runner.execute(plan, {s.request_id: self._seqs[s.request_id].sampling for s in plan.seqs})
+        finished_by_length = {r.request_id for r in self.scheduler.update(plan, result)}
+        touched: dict[str, _Group] = {}
+        for rid, (first, rows) in result.prompt_logprobs.items():
+            group = self._seq_group[rid]
+            # A chunk recomputed after a preemption may repeat entries: keep the first value.
+            assert first <= len(group.prompt_logprobs), (rid, first)
+            group.prompt_logprobs += rows[len(group.prompt_logprobs) - first:]
+            touched[group.request_id] = group
+        for rid, tok in result.sampled.items():
+            group, seq = self._seq_group[rid], self._seqs[rid]
+            if seq.logprobs is not None:
+                seq.logprobs.append(result.logprobs[rid])
+            self._on_token(seq, tok, rid in finished_by_length)
+            touched[group.request_id] = group
+            if group.deferred:
+                for r in group.deferred:
+                    self.scheduler.add_request(r)
+                group.deferred = []
+        outputs = []
+        for group in touched.values():
+            outputs.append(self._output(group))
+            if group.finished:
+                del self._groups[group.request_id]
+                for s in group.seqs:
+                    self._seq_group.pop(s.seq_id, None)
+                    self._seqs.pop(s.seq_id, None)
+        return outputs
+
+    # ------------------------------------------------------------------ internals
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("a text prompt needs a tokenizer, and the model directory has no tokenizer.json")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+            vocab = self.config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        if not ids:
+            raise RequestError("the prompt is empty (it has no tokens)")
+        return text, ids
+
+    def _on_token(self, seq: _Sequence, tok: int, finished_by_length: bool) -> None:
+        p = seq.sampling.params
+        if tok in self.eos_token_ids and not p.ignore_eos:
+            seq.finish_reason = "stop"
+        elif tok in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", tok
+        else:
+            if seq.detok is not None:
+                seq.text += seq.detok.add([tok])
+                if seq.detok.stopped:
+                    seq.finish_reason, seq.stop_reason = "stop", seq.detok.stop_str
+            if seq.finish_reason is None and finished_by_length:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            if not finished_by_length:
+                self.scheduler.finish(seq.seq_id, RequestStatus.FINISHED_STOPPED)
+            if seq.detok is not None:
+                seq.text += seq.detok.flush()
+
+    def _output(self, group: _Group) -> RequestOutput:
+        outs = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.sampling.output_ids),
+                                 finish_reason=s.finish_reason, logprobs=s.logprobs, stop_reason=s.stop_reason)
+                for s in group.seqs]
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt, prompt_token_ids=list(group.prompt_ids),
+                             prompt_logprobs=group.prompt_logprobs, outputs=outs, finished=group.finished)
