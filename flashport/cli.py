@@ -66,6 +66,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         load_format=args.load_format,
         num_layers=args.num_layers,
         dequantize=args.dequantize,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        cache_bytes=args.cache_bytes,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -130,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--dequantize", action="store_true", help="dequantize FP8/FP4 weights at load time"
     )
+    gen.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default 8192)")
+    gen.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                     help="fraction of GPU memory for weights, activations and state pools (default 0.9)")
+    gen.add_argument("--cache-bytes", type=int, default=None,
+                     help="state pool budget in bytes (the CPU budget; on a GPU it overrides the fraction)")
     gen.set_defaults(func=_cmd_generate)
     return parser
 

@@ -278,38 +278,16 @@ def _parse(raw: dict[str, Any]) -> dict[str, Any]:
 
     # Attention schedule: HF `layer_types` wins, else official `compress_ratios` codes.
     if raw.get("layer_types") is not None:
-        types = raw["layer_types"]
-        if not isinstance(types, list) or len(types) < n:
-            raise ConfigError(f"field 'layer_types' = {types!r}: expected a list of {n} layer types")
-        kinds = []
-        for i, t in enumerate(types[:n]):
-            if t not in _HF_LAYER_TYPES:
-                raise ConfigError(f"field 'layer_types[{i}]' = {t!r}: expected one of {sorted(_HF_LAYER_TYPES)}")
-            kinds.append(_HF_LAYER_TYPES[t])
+        out["layer_types"] = _schedule(raw, "layer_types", n, _HF_LAYER_TYPES, f"one of {sorted(_HF_LAYER_TYPES)}")
     elif raw.get("compress_ratios") is not None:
-        codes = raw["compress_ratios"]
-        if not isinstance(codes, list) or len(codes) < n:
-            raise ConfigError(f"field 'compress_ratios' = {codes!r}: expected a list of at least {n} codes")
-        kinds = []
-        for i, c in enumerate(codes[:n]):
-            if c not in _CODE_TO_KIND or isinstance(c, bool):
-                raise ConfigError(f"field 'compress_ratios[{i}]' = {c!r}: layer codes are 0 (SWA), 4 (CSA), 128 (HCA)")
-            kinds.append(_CODE_TO_KIND[c])
+        out["layer_types"] = _schedule(raw, "compress_ratios", n, _CODE_TO_KIND,
+                                       "layer codes are 0 (SWA), 4 (CSA), 128 (HCA)")
     else:
         raise ConfigError("neither 'compress_ratios' nor 'layer_types' is given: the attention schedule is unknown")
-    out["layer_types"] = tuple(kinds)
 
     # MoE schedule: HF `mlp_layer_types`, else official `num_hash_layers` (default 3).
     if raw.get("mlp_layer_types") is not None:
-        mtypes = raw["mlp_layer_types"]
-        if not isinstance(mtypes, list) or len(mtypes) < n:
-            raise ConfigError(f"field 'mlp_layer_types' = {mtypes!r}: expected a list of {n} MoE types")
-        mk = []
-        for i, t in enumerate(mtypes[:n]):
-            if t not in _HF_MLP_TYPES:
-                raise ConfigError(f"field 'mlp_layer_types[{i}]' = {t!r}: expected one of {sorted(_HF_MLP_TYPES)}")
-            mk.append(_HF_MLP_TYPES[t])
-        out["mlp_layer_types"] = tuple(mk)
+        out["mlp_layer_types"] = _schedule(raw, "mlp_layer_types", n, _HF_MLP_TYPES, f"one of {sorted(_HF_MLP_TYPES)}")
     else:
         n_hash = _get(raw, "num_hash_layers", 3, int)
         out["mlp_layer_types"] = tuple(HASH_MOE if i < n_hash else TOPK_MOE for i in range(n))
@@ -317,6 +295,19 @@ def _parse(raw: dict[str, Any]) -> dict[str, Any]:
     out["rope_scaling"] = _parse_rope(raw, out)
     out.update(_parse_quant(raw))
     return out
+
+
+def _schedule(raw: dict[str, Any], key: str, n: int, table: dict, expected: str) -> tuple[str, ...]:
+    """A per-layer list (at least n entries; extra ones, such as the MTP layer's, are ignored)."""
+    values = raw[key]
+    if not isinstance(values, list) or len(values) < n:
+        raise ConfigError(f"field '{key}' = {values!r}: expected a list of at least {n} entries")
+    kinds = []
+    for i, v in enumerate(values[:n]):
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or v not in table:
+            raise ConfigError(f"field '{key}[{i}]' = {v!r}: {expected}")
+        kinds.append(table[v])
+    return tuple(kinds)
 
 
 def _parse_rope(raw: dict[str, Any], out: dict[str, Any]) -> YarnScaling | None:

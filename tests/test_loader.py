@@ -12,6 +12,7 @@ import torch
 
 from flashport.config import ModelConfig
 from flashport.errors import CheckpointError, ConfigError
+from flashport.model import loader
 from flashport.model.loader import load_checkpoint, load_model
 from flashport.model.names import Target, map_name
 from flashport.model.quant import (dequant_fp4, dequant_fp8_blocks, e8m0_to_float, fp8_fn_to_fnuz, quant_fp4,
@@ -29,13 +30,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _slot(model: torch.nn.Module, t: Target) -> torch.Tensor:
-    x = dict(model.named_parameters())[t.name].data
-    if t.expert is not None:
-        x = x[t.expert]
-    if t.half is not None:
-        n = x.shape[-2] // 2
-        x = x.narrow(-2, t.half * n, n)
-    return x
+    return loader._slot(dict(model.named_parameters())[t.name], t)
 
 
 def _dense(model: torch.nn.Module, t: Target, dtype: torch.dtype) -> torch.Tensor:
