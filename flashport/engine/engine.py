@@ -95,7 +95,7 @@ class Engine:
             self.model, self.sched_config, block_size, enable_prefix_caching=enable_prefix_caching,
             gpu_memory_utilization=gpu_memory_utilization, cache_bytes=cache_bytes)
         self.pools = StatePools(self.model.cfg, self.cache_config, self.model.dtype, self.device)
-        self.runner = ModelRunner(self.model, self.pools)
+        self.runner = ModelRunner(self.model, self.pools, max_num_batched_tokens)
         self.scheduler = Scheduler(self.sched_config, self.cache_config)
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None:

@@ -2,8 +2,8 @@
 
 For every sequence of the step this computes, on the host from its block tables, the pool rows
 to read (window tail, closed entries) and to write (the new tokens' window rows, the entries
-this chunk closes, the boundary records of blocks it completes), uploads them in one copy, and
-hands the attention layers a `LayerCache` that gathers a dense `LayerState` per sequence and
+this chunk closes, the boundary records of blocks it completes); the runner uploads them with
+its other inputs in one copy (`bind`); then this hands the attention layers a `LayerCache` that gathers a dense `LayerState` per sequence and
 scatters the result back (torch reference path).
 """
 
@@ -59,10 +59,14 @@ class PagedCache:
             # closing there is entry k*B/m - 1, the j-th this chunk closes.
             bounds = [(cb[k - 1], k * B // m - 1 - start // m) for k in range(start // B + 1, end // B + 1)]
             shapes.append((s.state_slot, start, end, bounds if record_boundaries else []))
-        flat = torch.tensor([x for part in lists for x in part], dtype=torch.long, device=pools.window.device)
-        pieces = list(torch.split(flat, [len(p) for p in lists]))
+        self.index_lists = lists  # uploaded by the runner together with its own inputs
+        self._shapes = shapes
+        self.seqs: list[_SeqRows] = []
+
+    def bind(self, pieces: list[torch.Tensor]) -> None:
+        """The device tensors of `index_lists`, in order."""
         self.seqs = [_SeqRows(slot, start, end, *pieces[6 * i: 6 * i + 6], bounds)
-                     for i, (slot, start, end, bounds) in enumerate(shapes)]
+                     for i, (slot, start, end, bounds) in enumerate(self._shapes)]
 
     def layer(self, index: int) -> _PagedLayer:
         return _PagedLayer(self, index)

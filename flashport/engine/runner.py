@@ -30,10 +30,12 @@ class SeqSampling:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV4, pools: StatePools) -> None:
+    def __init__(self, model: DeepseekV4, pools: StatePools, max_num_batched_tokens: int) -> None:
         self.model, self.pools = model, pools
         self.device = model.device
         self.block_size = pools.cache_cfg.block_size
+        # Token ids, positions, logits rows and pool rows of a step: one device buffer, one copy.
+        self.inputs = InputBuffer(8 * max_num_batched_tokens, self.device)
 
     def execute(self, plan: SchedulerOutput, sampling: dict[str, SeqSampling]) -> StepResult:
         tokens: list[int] = []
@@ -52,11 +54,10 @@ class ModelRunner:
                 rows += range(start, start + n)
             elif s.sample:
                 rows.append(start + n - 1)
-        dev = self.device
-        ids = torch.tensor(tokens, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
         cache = PagedCache(self.pools, list(plan.seqs), record_boundaries=self.pools.cache_cfg.enable_prefix_caching)
-        logits = self.model.run(ids, pos, seqs, cache, torch.tensor(rows, dtype=torch.long, device=dev)).float()
+        ids, pos, sel, *pieces = self.inputs.upload([tokens, positions, rows, *cache.index_lists])
+        cache.bind(pieces)
+        logits = self.model.run(ids, pos, seqs, cache, sel).float()
         return self._sample(plan, sampling, logits)
 
     def _sample(self, plan: SchedulerOutput, sampling: dict[str, SeqSampling], logits: torch.Tensor) -> StepResult:
@@ -95,6 +96,26 @@ class ModelRunner:
                 result.prompt_logprobs[s.request_id] = (
                     s.start_pos + 1, [_trim(d, c, info.params.prompt_logprobs) for d, c in zip(dicts, nxt)])
         return result
+
+
+class InputBuffer:
+    """A device int64 buffer reused by every step. A step's host lists are packed into it with one
+    host-to-device copy; it grows (rarely: a step with more pool rows than ever before) by doubling."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.buf = torch.empty(capacity, dtype=torch.long, device=device)
+
+    def upload(self, lists: list[list[int]]) -> list[torch.Tensor]:
+        sizes = [len(x) for x in lists]
+        n = sum(sizes)
+        if n > self.buf.numel():
+            self.buf = torch.empty(max(n, 2 * self.buf.numel()), dtype=torch.long, device=self.buf.device)
+        flat = torch.tensor([v for x in lists for v in x], dtype=torch.long)
+        if self.buf.is_cuda:
+            flat = flat.pin_memory()
+        view = self.buf[:n]
+        view.copy_(flat, non_blocking=True)
+        return list(torch.split(view, sizes))
 
 
 def _trim(d: dict[int, float], chosen: int, n: int) -> dict[int, float]:
