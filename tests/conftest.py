@@ -8,6 +8,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+# Without a GPU, Triton kernels run in the interpreter. Triton reads this when a kernel is
+# decorated, so it must be set before any flashport.kernels module is imported. The
+# ahead-of-time compile test runs in a subprocess without it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
