@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml scripts/setup.sh
 $(TINY)/config.json: | $(STAMP)
 	$(FLASHPORT) init-tiny $(TINY)
 
+# The main job: start `flashport serve` on the tiny model, one chat request through the official
+# openai client, print the reply, stop the server.
 demo: setup $(TINY)/config.json
-	$(FLASHPORT) generate $(TINY) --chat --prompt "$(PROMPT)" --max-tokens 48
+	$(VENV)/bin/python scripts/demo.py --model $(TINY) --prompt "$(PROMPT)" --max-tokens 48
 
 test: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)

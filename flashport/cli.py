@@ -1,4 +1,4 @@
-"""The `flashport` command: `env`, `init-tiny`, `generate`.
+"""The `flashport` command: `env`, `init-tiny`, `generate`, `serve`.
 
 Heavy modules (torch, the model) are imported inside the subcommands so `flashport --help` is fast.
 A `FlashportError` (bad input) is printed as one `error: ...` line with exit code 2.
@@ -96,6 +96,42 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_SERVE_MODEL = Path("models/tiny")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise FlashportError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_waiting < 1:
+        raise FlashportError(f"--max-waiting must be at least 1, got {args.max_waiting}")
+    if args.max_request_bytes < 1024:
+        raise FlashportError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
+    if args.shutdown_grace < 0:
+        raise FlashportError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("FLASHPORT_API_KEY") or None
+    model = args.model
+    if model is None:  # the embedded tiny model, written on first use
+        model = str(DEFAULT_SERVE_MODEL)
+        if not (DEFAULT_SERVE_MODEL / "config.json").is_file():
+            from flashport.model.tiny import write_tiny_checkpoint
+
+            write_tiny_checkpoint(DEFAULT_SERVE_MODEL, seed=0)
+            print(f"wrote the tiny demo model to {DEFAULT_SERVE_MODEL}", flush=True)
+
+    from flashport.server.app import run_server
+
+    engine_args = dict(
+        device=args.device, dtype=args.dtype, load_format=args.load_format, num_layers=args.num_layers,
+        dequantize=args.dequantize, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, cache_bytes=args.cache_bytes,
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, progress=False)
+    return run_server(model, host=args.host, port=args.port, api_key=api_key,
+                      served_model_name=args.served_model_name, max_waiting=args.max_waiting,
+                      max_request_bytes=args.max_request_bytes, shutdown_grace=args.shutdown_grace,
+                      log_level=args.log_level, access_log=args.access_log, engine_args=engine_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashport", description="DeepSeek-V4-Flash inference engine (PyTorch + Triton)."
@@ -139,6 +175,43 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache-bytes", type=int, default=None,
                      help="state pool budget in bytes (the CPU budget; on a GPU it overrides the fraction)")
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    srv.add_argument("model", nargs="?", default=None,
+                     help=f"model directory (default: the tiny demo model, written to {DEFAULT_SERVE_MODEL} "
+                          "if missing)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $FLASHPORT_API_KEY, else none)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients use (default: the model directory's name)")
+    srv.add_argument("--max-waiting", type=int, default=1024,
+                     help="requests that may wait for their first token; beyond it 503 + Retry-After (default 1024)")
+    srv.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
+                     help="largest request body, else 413 (default 16 MiB)")
+    srv.add_argument("--shutdown-grace", type=float, default=30.0,
+                     help="seconds requests in flight get to finish after SIGTERM before they are aborted (default 30)")
+    srv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    srv.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    srv.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    srv.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
+                     help="dummy = random weights of the right shapes (only safetensors are ever read)")
+    srv.add_argument("--num-layers", type=int, default=None, help="run only the first N layers")
+    srv.add_argument("--dequantize", action="store_true", help="dequantize FP8/FP4 weights at load time")
+    srv.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default 8192)")
+    srv.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch (default 256)")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                     help="tokens per engine step, the prefill chunk budget (default 2048)")
+    srv.add_argument("--block-size", type=int, default=None, help="cache block size in tokens (default: the model's)")
+    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                     help="fraction of GPU memory for weights, activations and state pools (default 0.9)")
+    srv.add_argument("--cache-bytes", type=int, default=None,
+                     help="state pool budget in bytes (the CPU budget; on a GPU it overrides the fraction)")
+    srv.add_argument("--no-prefix-caching", action="store_true", help="disable prefix reuse")
+    srv.add_argument("--seed", type=int, default=0, help="engine seed (for requests without a seed)")
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -69,7 +69,7 @@ class Engine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, block_size: int | None = None,
                  gpu_memory_utilization: float = 0.9, cache_bytes: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, progress: bool = True,
-                 log: Callable[[str], None] | None = print) -> None:
+                 ops_impl: str = "auto", log: Callable[[str], None] | None = print) -> None:
         self.platform = detect_platform(None if device == "auto" else device)
         self.device = torch.device("cpu" if self.platform.backend == "cpu" else "cuda")
         if dtype == "auto":  # bf16 is the checkpoint dtype; CPUs run fp32 much faster than bf16
@@ -80,7 +80,8 @@ class Engine:
             raise FlashportError(f"dtype {dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
         self.model, self.config = load_model(
             model, device=self.device, dtype=torch_dtype, load_format=load_format, num_layers=num_layers,
-            dequantize=dequantize, fp8_dtype=self.platform.fp8_dtype, seed=seed, progress=progress)
+            dequantize=dequantize, fp8_dtype=self.platform.fp8_dtype, seed=seed, progress=progress,
+            ops_impl=ops_impl)
         model_dir = Path(model)
         self.tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
         limit = self.config.max_position_embeddings

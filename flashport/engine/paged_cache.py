@@ -83,6 +83,9 @@ class _PagedLayer:
         self.csa = cache.pools.csa_index.get(layer) if kind == CSA else None
         self.hca = cache.pools.hca_index.get(layer) if kind == HCA else None
 
+    def paged_rows(self) -> None:
+        return None  # the reference path: begin / commit per sequence
+
     def begin(self, i: int) -> LayerState:
         p, s, cfg = self.c.pools, self.c.seqs[i], self.c.cfg
         st = LayerState(window=p.window[self.layer][s.window_read])

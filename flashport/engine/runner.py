@@ -11,11 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from flashport.engine.paged_cache import PagedCache
+from flashport.engine.paged_rows import PagedRowsCache
 from flashport.engine.plan import SchedulerOutput, StepResult
 from flashport.engine.pools import StatePools
 from flashport.engine.sampler import SamplingTensors, logprob_dicts, sample
 from flashport.model.attention import SeqSlice
 from flashport.model.deepseek_v4 import DeepseekV4
+from flashport.model.layers import REFERENCE
 from flashport.sampling_params import SamplingParams
 
 
@@ -54,7 +56,9 @@ class ModelRunner:
                 rows += range(start, start + n)
             elif s.sample:
                 rows.append(start + n - 1)
-        cache = PagedCache(self.pools, list(plan.seqs), record_boundaries=self.pools.cache_cfg.enable_prefix_caching)
+        # The reference model gathers each sequence's state; the op path reads the pools in place.
+        view = PagedCache if self.model.ops_impl == REFERENCE else PagedRowsCache
+        cache = view(self.pools, list(plan.seqs), record_boundaries=self.pools.cache_cfg.enable_prefix_caching)
         ids, pos, sel, *pieces = self.inputs.upload([tokens, positions, rows, *cache.index_lists])
         cache.bind(pieces)
         logits = self.model.run(ids, pos, seqs, cache, sel).float()

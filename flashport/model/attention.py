@@ -18,8 +18,8 @@ from torch import nn
 
 from flashport.config import CSA, HCA, SWA, ModelConfig
 from flashport.model.compressor import Compressor, Indexer
-from flashport.model.layers import Linear, RMSNorm, RotaryTables, apply_rope, rms_unweighted
-from flashport.model.state import LayerCache
+from flashport.model.layers import REFERENCE, Linear, RMSNorm, RotaryTables, apply_rope, rms_unweighted
+from flashport.model.state import LayerCache, PagedRows
 
 
 @dataclass(frozen=True)
@@ -58,23 +58,46 @@ class Attention(nn.Module):
             self.compressor = Compressor(H, D, cfg.compress_rate_hca, False, dtype, cfg.rms_norm_eps, device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryTables, seqs: list[SeqSlice],
-                cache: LayerCache) -> torch.Tensor:
+                cache: LayerCache, impl: str = REFERENCE) -> torch.Tensor:
         """x [N, hidden], positions [N] -> [N, hidden]; advances each sequence's state in `cache`."""
         N = x.shape[0]
         cos, sin = rope.cos_sin(positions, compress=self.kind != SWA, dtype=x.dtype)  # [N, rope/2]
+        qr = self.q_norm(self.wq_a(x, impl), impl)  # [N, q_lora]
+        q = self.wq_b(qr, impl).unflatten(-1, (self.n_heads, self.head_dim))  # [N, nh, D]
+        rows = cache.paged_rows() if impl != REFERENCE else None
+        if impl == REFERENCE:
+            q = apply_rope(rms_unweighted(q, self.eps), cos, sin)
+        else:
+            from flashport.ops.qkv_rope import q_norm_rope
 
-        qr = self.q_norm(self.wq_a(x))  # [N, q_lora]
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [N, nh, D]
-        q = apply_rope(rms_unweighted(q, self.eps), cos, sin)
-        kv = apply_rope(self.kv_norm(self.wkv(x)).unsqueeze(1), cos, sin).squeeze(1)  # [N, D]
+            q = q_norm_rope(q.contiguous(), cos, sin, self.eps, impl=impl)
+        if rows is not None:
+            out = self._attend_rows(x, qr, q, positions, cos, sin, rope, rows, impl)  # inverse rope included
+        else:
+            kv = apply_rope(self.kv_norm(self.wkv(x, impl), impl).unsqueeze(1), cos, sin).squeeze(1)  # [N, D]
+            out = self._attend_per_sequence(x, qr, q, kv, positions, cos, sin, rope, seqs, cache, impl)
+            out = apply_rope(out, cos, -sin)  # undo the absolute rope the values carried
+        g = self.o_groups
+        grouped = out.reshape(N, g, -1)  # [N, g, nh*D/g]
+        if impl != REFERENCE and self.wo_a.is_quantized:
+            from flashport.ops.fp8_linear import grouped_linear
 
+            z = grouped_linear(grouped, self.wo_a.weight, self.wo_a.scale, impl=impl).reshape(N, -1)
+        else:
+            w_a = self.wo_a.dense_weight(x.dtype).view(g, -1, grouped.shape[-1])  # [g, o_lora, nh*D/g]
+            z = torch.bmm(grouped.transpose(0, 1), w_a.transpose(1, 2)).transpose(0, 1).reshape(N, -1)
+        return self.wo_b(z, impl)  # [N, hidden]
+
+    def _attend_per_sequence(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
+                             positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryTables,
+                             seqs: list[SeqSlice], cache: LayerCache, impl: str) -> torch.Tensor:
+        """Each sequence's dense state from `cache` (the reference path) -> o [N, nh, D] (roped)."""
         comp_kv = comp_gate = idx_kv = idx_gate = iq = iw = None
         if self.compressor is not None:
             comp_kv, comp_gate = self.compressor.project(x)
         if self.indexer is not None:
             idx_kv, idx_gate = self.indexer.compressor.project(x)
-            iq, iw = self.indexer.queries(qr, x, cos, sin)
-
+            iq, iw = self.indexer.queries(qr, x, cos, sin, impl)
         out = torch.empty_like(q)
         for i, seq in enumerate(seqs):
             sl = slice(seq.start, seq.start + seq.length)
@@ -98,13 +121,41 @@ class Attention(nn.Module):
                 allowed = torch.cat([allowed, visible], dim=-1)
             out[sl] = self._core(q[sl], keys, allowed)
             cache.commit(i, st, kv[sl], closed, closed_index)
+        return out
 
-        out = apply_rope(out, cos, -sin)  # undo the absolute rope the values carried
-        g = self.o_groups
-        grouped = out.reshape(N, g, -1).transpose(0, 1)  # [g, N, nh*D/g]
-        w_a = self.wo_a.dense_weight(x.dtype).view(g, -1, grouped.shape[-1])  # [g, o_lora, nh*D/g]
-        z = torch.bmm(grouped, w_a.transpose(1, 2)).transpose(0, 1).reshape(N, -1)  # [N, g*o_lora]
-        return self.wo_b(z)
+    def _attend_rows(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, rope: RotaryTables, rows: PagedRows,
+                     impl: str) -> torch.Tensor:
+        """Every query row reads the pools in place through its block tables (the op path)."""
+        from flashport.ops.attention import sparse_decode_attention
+        from flashport.ops.qkv_rope import kv_norm_rope_store
+
+        # The new tokens' K=V rows go into the window pool first: each row's window includes them.
+        kv_norm_rope_store(self.wkv(x, impl), self.kv_norm.weight, self.eps, cos, sin, rows.window_pool,
+                           rows.window_write, impl=impl)
+        pos32 = positions.int()  # the attention and indexer kernels index with int32
+        entry_ids = num_entries = None
+        rate = 0
+        if self.compressor is not None:
+            rate = self.compressor.rate
+            kv_c, gate_c = self.compressor.project(x)
+            rows.compress(self.compressor, kv_c, gate_c, rope, self.eps, indexer=False, impl=impl)
+            if self.indexer is not None:
+                from flashport.ops.indexer import indexer_topk
+
+                ix = self.indexer
+                kv_i, gate_i = ix.compressor.project(x)
+                rows.compress(ix.compressor, kv_i, gate_i, rope, self.eps, indexer=True, impl=impl)
+                iq, iw = ix.queries(qr, x, cos, sin, impl)
+                entry_ids = indexer_topk(iq.contiguous(), iw, rows.index_keys, rows.comp_table, pos32,
+                                         rate=rate, block_size=rows.block_size, topk=ix.topk, impl=impl)
+            else:
+                num_entries = (pos32 + 1) // rate
+        return sparse_decode_attention(
+            q, rows.window_pool, rows.window_table, pos32, self.attn_sink, cos, sin,
+            window_size=self.window, block_size=rows.block_size, entries=rows.entries,
+            comp_block_table=rows.comp_table if rows.entries is not None else None, entry_ids=entry_ids,
+            num_entries=num_entries, rate=rate, impl=impl)
 
     def _core(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, query_block: int = 512
               ) -> torch.Tensor:

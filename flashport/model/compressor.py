@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flashport.model.layers import Linear, RMSNorm, RotaryTables, apply_rope
+from flashport.model.layers import REFERENCE, Linear, RMSNorm, RotaryTables, apply_rope
 from flashport.model.state import CompressorState
 
 
@@ -81,10 +81,10 @@ class Indexer(nn.Module):
         self.wq_b = Linear(q_lora_rank, n_heads * head_dim, dtype, fp8_block, fp8_dtype, device)
         self.weights_proj = Linear(hidden, n_heads, dtype, device=device)
 
-    def queries(self, qr: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def queries(self, qr: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = REFERENCE
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """qr [N, q_lora], x [N, hidden] -> (q [N, heads, head_dim] roped, head weights [N, heads] fp32)."""
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        q = self.wq_b(qr, impl).unflatten(-1, (self.n_heads, self.head_dim))
         q = apply_rope(q, cos, sin)
         w = self.weights_proj(x).float() * self.n_heads ** -0.5
         return q, w

@@ -17,7 +17,7 @@ from torch import nn
 
 from flashport.config import ModelConfig
 from flashport.model.attention import Attention, SeqSlice
-from flashport.model.layers import RMSNorm, RotaryTables
+from flashport.model.layers import OPS_IMPLS, REFERENCE, RMSNorm, RotaryTables
 from flashport.model.mhc import HyperConnection, HyperHead, post_update
 from flashport.model.moe import MoE
 from flashport.model.state import DenseCache, LayerCache, ModelCache, SequenceState
@@ -36,21 +36,24 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, layer, dtype, fp8_dtype, device)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor, rope: RotaryTables,
-                seqs: list[SeqSlice], cache: LayerCache) -> torch.Tensor:
+                seqs: list[SeqSlice], cache: LayerCache, impl: str) -> torch.Tensor:
         """x [N, hc, hidden] -> [N, hc, hidden]."""
-        u, post, comb = self.hc_attn.pre(x)
-        y = self.attn(self.attn_norm(u), positions, rope, seqs, cache)
-        x = post_update(x, y, post, comb)
-        u, post, comb = self.hc_ffn.pre(x)
-        y = self.ffn(self.ffn_norm(u), token_ids)
-        return post_update(x, y, post, comb)
+        u, post, comb = self.hc_attn.pre(x, impl)
+        y = self.attn(self.attn_norm(u, impl), positions, rope, seqs, cache, impl)
+        x = post_update(x, y, post, comb, impl)
+        u, post, comb = self.hc_ffn.pre(x, impl)
+        y = self.ffn(self.ffn_norm(u, impl), token_ids, impl)
+        return post_update(x, y, post, comb, impl)
 
 
 class DeepseekV4(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16,
-                 fp8_dtype: torch.dtype = torch.float8_e4m3fn, device: torch.device | str | None = None) -> None:
+                 fp8_dtype: torch.dtype = torch.float8_e4m3fn, device: torch.device | str | None = None,
+                 ops_impl: str = REFERENCE) -> None:
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
+        if ops_impl not in OPS_IMPLS:
+            raise ValueError(f"ops_impl {ops_impl!r}: expected one of {OPS_IMPLS}")
+        self.cfg, self.dtype, self.ops_impl = cfg, dtype, ops_impl
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(cfg, i, dtype, fp8_dtype, device) for i in range(cfg.num_hidden_layers))
@@ -95,8 +98,9 @@ class DeepseekV4(nn.Module):
         `seqs` where each sequence's tokens sit, `cache` its state. -> logits [R, vocab]."""
         x = self.embed(token_ids)  # [N, hidden]
         x = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()  # [N, hc, hidden]: hc equal streams
+        impl = self.ops_impl
         for i, block in enumerate(self.layers):
-            x = block(x, token_ids, positions, self.rope, seqs, cache.layer(i))
+            x = block(x, token_ids, positions, self.rope, seqs, cache.layer(i), impl)
         if logits_rows is not None:
             x = x[logits_rows]
-        return self.head(self.norm(self.hc_head(x)))
+        return self.head(self.norm(self.hc_head(x, impl), impl))

@@ -16,6 +16,12 @@ from torch import nn
 from flashport.config import ModelConfig, YarnScaling
 from flashport.model.quant import dequant_fp8_blocks
 
+# How the model computes: REFERENCE is the plain torch code in this package (the slow twin);
+# "auto", "torch" and "triton" go through flashport.ops (Triton kernels on a GPU with "auto",
+# their torch twins on the CPU; "triton" forces kernels, the interpreter on a CPU).
+REFERENCE = "reference"
+OPS_IMPLS = (REFERENCE, "auto", "torch", "triton")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device: torch.device | str | None = None) -> None:
@@ -23,7 +29,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl: str = REFERENCE) -> torch.Tensor:
+        if impl != REFERENCE:
+            from flashport.ops.rmsnorm import rms_norm
+
+            return rms_norm(x.contiguous(), self.weight, self.eps, impl=impl)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
@@ -67,7 +77,11 @@ class Linear(nn.Module):
             return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
         return dequant_fp8_blocks(self.weight, self.scale, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl: str = REFERENCE) -> torch.Tensor:
+        if impl != REFERENCE and self.scale is not None:
+            from flashport.ops.fp8_linear import fp8_linear
+
+            return fp8_linear(x, self.weight, self.scale, impl=impl)
         return F.linear(x, self.dense_weight(x.dtype))
 
 

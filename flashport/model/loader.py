@@ -340,13 +340,14 @@ def _default_fp8_dtype(device: torch.device | str) -> torch.dtype:
 
 def load_model(model_dir: str | Path, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
                load_format: str = "auto", num_layers: int | None = None, dequantize: bool = False,
-               fp8_dtype: torch.dtype | None = None, seed: int = 0, progress: bool = True
-               ) -> tuple[DeepseekV4, ModelConfig]:
+               fp8_dtype: torch.dtype | None = None, seed: int = 0, progress: bool = True,
+               ops_impl: str = "reference") -> tuple[DeepseekV4, ModelConfig]:
     """Build a `DeepseekV4` on `device` from `model_dir`'s config.json and fill it.
 
     load_format: "safetensors" (or "auto") reads the checkpoint; "dummy" makes random weights of
     the real shapes and dtypes (benchmarks without a download). `num_layers` keeps only the first
     layers. `dequantize=True` holds every weight plain in `dtype` (FP8/FP4 dequantized on load).
+    `ops_impl`: "reference" (plain torch) or an op implementation ("auto", "torch", "triton").
     Returns the model and the checkpoint's config (the model's own is `model.cfg`).
     """
     if load_format not in ("auto", "safetensors", "dummy"):
@@ -359,7 +360,7 @@ def load_model(model_dir: str | Path, *, device: torch.device | str, dtype: torc
         find_shards(model_dir)  # fail before allocating the model
     if fp8_dtype is None:
         fp8_dtype = _default_fp8_dtype(device)
-    model = DeepseekV4(cfg, dtype, fp8_dtype, device)
+    model = DeepseekV4(cfg, dtype, fp8_dtype, device, ops_impl=ops_impl)
     model.eval()
     if load_format == "dummy":
         init_dummy_weights(model, seed)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashport.model.layers import rms_unweighted
+from flashport.model.layers import REFERENCE, rms_unweighted
 
 
 class HyperConnection(nn.Module):
@@ -26,8 +26,13 @@ class HyperConnection(nn.Module):
         self.base = nn.Parameter(torch.empty(mixes, **kw), requires_grad=False)
         self.scale = nn.Parameter(torch.empty(3, **kw), requires_grad=False)
 
-    def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pre(self, x: torch.Tensor, impl: str = REFERENCE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, hc, hidden] -> (u [N, hidden] in x.dtype, post [N, hc] fp32, comb [N, hc, hc] fp32)."""
+        if impl != REFERENCE:
+            from flashport.ops.mhc import mhc_pre
+
+            return mhc_pre(x.contiguous(), self.fn, self.base, self.scale, self.hc_eps, self.norm_eps,
+                           self.sinkhorn_iters, impl=impl)
         hc = self.hc
         flat = rms_unweighted(x.flatten(1).float(), self.norm_eps)  # [N, hc*hidden]
         mix = F.linear(flat, self.fn)  # [N, (2+hc)*hc]
@@ -45,12 +50,17 @@ class HyperConnection(nn.Module):
         return u, post, comb
 
 
-def post_update(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def post_update(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                impl: str = REFERENCE) -> torch.Tensor:
     """X'[k] = post_k * y + sum_j comb[j, k] X[j]; x [N, hc, hidden], y [N, hidden] -> [N, hc, hidden].
 
     post and comb are rounded to the model dtype first and comb is applied transposed, as in
     transformers.
     """
+    if impl != REFERENCE:
+        from flashport.ops.mhc import mhc_post
+
+        return mhc_post(x.contiguous(), y.contiguous(), post, comb, impl=impl)
     dtype = x.dtype
     return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), x)
 
@@ -67,7 +77,11 @@ class HyperHead(nn.Module):
         self.base = nn.Parameter(torch.empty(hc, **kw), requires_grad=False)
         self.scale = nn.Parameter(torch.empty(1, **kw), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl: str = REFERENCE) -> torch.Tensor:
+        if impl != REFERENCE:
+            from flashport.ops.mhc import mhc_head
+
+            return mhc_head(x.contiguous(), self.fn, self.base, self.scale, self.hc_eps, self.norm_eps, impl=impl)
         flat = rms_unweighted(x.flatten(1).float(), self.norm_eps)
         pre = torch.sigmoid(F.linear(flat, self.fn) * self.scale + self.base) + self.hc_eps  # [N, hc]
         return (pre.unsqueeze(-1) * x).sum(dim=1).to(x.dtype)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashport.config import HASH_MOE, ModelConfig
-from flashport.model.layers import Linear
+from flashport.model.layers import REFERENCE, Linear
 from flashport.model.quant import FP4_GROUP, dequant_fp4, dequant_fp8_blocks
 
 
@@ -76,14 +76,20 @@ class MoE(nn.Module):
             self.shared_experts.w2 = Linear(I, H, dtype, block, fp8_dtype, device)
             self.shared_experts.w3 = Linear(H, I, dtype, block, fp8_dtype, device)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, impl: str = REFERENCE) -> torch.Tensor:
         """x [N, H], token_ids [N] (hash routing) -> [N, H]."""
         weights, experts = self.gate(x, token_ids)  # [N, k] each
-        routed = self._routed(x, weights, experts)
+        w13, w2 = self.experts.w13, self.experts.w2
+        if impl != REFERENCE and w13.fmt in (None, "fp4"):
+            from flashport.ops.moe import fused_moe
+
+            routed = fused_moe(x, weights, experts, w13.weight, w13.scale, w2.weight, w2.scale, self.limit, impl=impl)
+        else:
+            routed = self._routed(x, weights, experts)
         if self.shared_experts is None:
             return routed
         s = self.shared_experts
-        return routed + s.w2(clamped_swiglu(s.w1(x), s.w3(x), self.limit))
+        return routed + s.w2(clamped_swiglu(s.w1(x, impl), s.w3(x, impl), self.limit), impl)
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # Torch reference: group the (token, pick) pairs by expert and run each expert on its rows.

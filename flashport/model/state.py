@@ -25,10 +25,11 @@ class CompressorState:
     entries: torch.Tensor  # [n, dim] closed compressed entries (normed, roped)
     overlap_kv: torch.Tensor | None = None  # CSA: [rate, dim] Ca half of the last closed block
     overlap_gate: torch.Tensor | None = None  # CSA: [rate, dim] fp32, its gate with the bias added
+    num_earlier: int = 0  # closed entries before `entries[0]` (kept elsewhere, e.g. in a pool)
 
     @property
     def num_entries(self) -> int:
-        return self.entries.shape[0]
+        return self.num_earlier + self.entries.shape[0]
 
 
 @dataclass
@@ -81,6 +82,24 @@ class LayerCache(Protocol):
     def commit(self, i: int, st: LayerState, kv_new: torch.Tensor, closed: ClosedBlocks,
                closed_index: ClosedBlocks) -> None: ...
 
+    def paged_rows(self) -> PagedRows | None:
+        """The in-place view for the op path, or None (then begin/commit per sequence)."""
+
+
+class PagedRows(Protocol):
+    """A layer's pools read in place by the op path (engine/paged_rows.py): per-row block tables."""
+
+    window_pool: torch.Tensor  # [rows, D]
+    window_write: torch.Tensor  # [N] pool row of each new token
+    window_table: torch.Tensor  # [N, max blocks] per query row, -1 = released
+    comp_table: torch.Tensor  # [N, max blocks]
+    entries: torch.Tensor | None  # this layer's CSA or HCA entries pool
+    index_keys: torch.Tensor | None  # CSA: the indexer keys pool
+    block_size: int
+
+    def compress(self, comp, kv: torch.Tensor, gate: torch.Tensor, rope, eps: float, indexer: bool,
+                 impl: str) -> None: ...
+
 
 class ModelCache(Protocol):
     def layer(self, index: int) -> LayerCache: ...
@@ -102,6 +121,9 @@ class _DenseLayer:
 
     def begin(self, i: int) -> LayerState:
         return self.cache.states[i].layers[self.index]
+
+    def paged_rows(self) -> None:
+        return None
 
     def commit(self, i: int, st: LayerState, kv_new: torch.Tensor, closed: ClosedBlocks,
                closed_index: ClosedBlocks) -> None:

@@ -1,0 +1,145 @@
+"""Sparse decode attention: the Triton kernel (interpreter on CPU) against its torch twin, the twin
+against the model's `Attention._core`, and the ahead-of-time compile of every variant."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flashport.model.attention import Attention
+from flashport.model.layers import apply_rope
+from flashport.ops.attention import sparse_decode_attention, sparse_decode_attention_torch
+
+BS, W, D, H, R = 8, 8, 64, 8, 16  # block size, window, head dim, heads, rope dims
+RATE_CSA, RATE_HCA, TOPK = 4, 8, 6
+POSITIONS = [0, 3, 7, 8, 21, 50]  # one token only, partial window, exact window, block edges, long
+
+
+def _case(seed: int, positions: list[int], mode: str, dtype: torch.dtype = torch.float32) -> tuple[tuple, dict]:
+    """Random pools and block tables (scattered blocks, released window blocks -> -1) for a batch."""
+    gen = torch.Generator().manual_seed(seed)
+    Bt = len(positions)
+    width = max(p // BS for p in positions) + 2  # one spare column, never read
+    n_pool = Bt * width + 3
+    wperm, cperm = torch.randperm(n_pool, generator=gen), torch.randperm(n_pool, generator=gen)
+    wbt = torch.full((Bt, width), -1, dtype=torch.int32)
+    cbt = torch.full((Bt, width), -1, dtype=torch.int32)
+    k = 0
+    for i, p in enumerate(positions):
+        for lb in range(p // BS + 1):
+            cbt[i, lb] = cperm[k]
+            if (lb + 1) * BS - 1 > p - W:  # the block still holds a window token
+                wbt[i, lb] = wperm[k]
+            k += 1
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    q = rnd(Bt, H, D)
+    window = rnd(n_pool * BS, D)
+    sinks = torch.randn(H, generator=gen)
+    angles = torch.tensor(positions, dtype=torch.float32)[:, None] * torch.rand(R // 2, generator=gen)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    pos = torch.tensor(positions, dtype=torch.int32)
+    kw: dict = dict(window_size=W, block_size=BS)
+    if mode == "csa":
+        ids = torch.full((Bt, TOPK), -1, dtype=torch.int32)
+        for i, p in enumerate(positions):  # distinct closed entries, fewer than TOPK for short sequences
+            n = (p + 1) // RATE_CSA
+            pick = torch.randperm(n, generator=gen)[:TOPK].int()
+            slots = torch.randperm(TOPK, generator=gen)[: pick.numel()]
+            ids[i, slots] = pick
+        kw.update(entries=rnd(n_pool * (BS // RATE_CSA), D), comp_block_table=cbt, entry_ids=ids, rate=RATE_CSA)
+    elif mode == "hca":
+        counts = torch.tensor([(p + 1) // RATE_HCA for p in positions], dtype=torch.int32)  # 0 for short ones
+        kw.update(entries=rnd(n_pool * (BS // RATE_HCA), D), comp_block_table=cbt, num_entries=counts,
+                  rate=RATE_HCA)
+    return (q, window, wbt, pos, sinks, cos, sin), kw
+
+
+@pytest.mark.parametrize("mode", ["swa", "csa", "hca"])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_kernel_matches_twin(mode: str, splits: int | None) -> None:
+    from flashport.kernels.attention_decode import sparse_decode_attention as kernel
+
+    args, kw = _case(10 + (splits or 0), POSITIONS, mode)
+    got = kernel(*args, **kw, num_splits=splits)
+    want = sparse_decode_attention_torch(*args, **kw)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_kernel_small_batch_auto_split_fp16() -> None:
+    # Batch 2 takes the split path from the interpreter's config table; fp16 pools and queries.
+    args, kw = _case(3, [13, 45], "csa", torch.float16)
+    got = sparse_decode_attention(*args, **kw, impl="triton")
+    want = sparse_decode_attention(*args, **kw, impl="torch")
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["csa", "hca"])
+def test_twin_matches_model_core(mode: str) -> None:
+    """Gather each sequence's keys by hand and run the model's own `_core` + inverse rope on them."""
+    (q, window, wbt, pos, sinks, cos, sin), kw = _case(7, POSITIONS, mode)
+    rate = kw["rate"]
+    per_block = BS // rate
+    core_self = SimpleNamespace(head_dim=D, attn_sink=sinks)
+    for i, p in enumerate(POSITIONS):
+        win = [int(wbt[i, t // BS]) * BS + t % BS for t in range(max(0, p - W + 1), p + 1)]
+        if mode == "csa":
+            ids = sorted(int(e) for e in kw["entry_ids"][i] if e >= 0)
+        else:
+            ids = list(range(int(kw["num_entries"][i])))
+        ent = [int(kw["comp_block_table"][i, e // per_block]) * per_block + e % per_block for e in ids]
+        keys = torch.cat([window[win], kw["entries"][ent]])
+        allowed = torch.ones(1, keys.shape[0], dtype=torch.bool)
+        out = Attention._core(core_self, q[i: i + 1], keys, allowed)  # [1, H, D]
+        want = apply_rope(out, cos[i: i + 1], -sin[i: i + 1])[0]
+        got = sparse_decode_attention_torch(q, window, wbt, pos, sinks, cos, sin, **kw)[i]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_launcher_rejects_bad_inputs() -> None:
+    from flashport.kernels.attention_decode import sparse_decode_attention as kernel
+
+    (q, window, wbt, pos, sinks, cos, sin), kw = _case(1, [5, 9], "hca")
+    with pytest.raises(ValueError, match="window_block_table"):
+        kernel(q, window, wbt.long(), pos, sinks, cos, sin, **kw)
+    with pytest.raises(ValueError, match="entry_ids .CSA. or num_entries"):
+        kernel(q, window, wbt, pos, sinks, cos, sin, **{**kw, "num_entries": None})
+    with pytest.raises(ValueError, match="impl"):
+        sparse_decode_attention(q, window, wbt, pos, sinks, cos, sin, **kw, impl="cuda")
+
+
+_AOT_SCRIPT = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from flashport.kernels.spec import TARGETS
+import importlib
+mod = importlib.import_module(sys.argv[1])
+for spec in mod.AOT_SPECS:
+    # Pointers 16-byte aligned, as the JIT specializes torch allocations: vectorized loads, as run.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(spec.signature.values()) if t.startswith("*")}
+    for target, (backend, arch, warp) in TARGETS.items():
+        src = triton.compiler.ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs[target], attrs=attrs)
+        c = triton.compile(src, target=GPUTarget(backend, arch, warp), options=spec.options.get(target, {}))
+        if spec.uses_dot:
+            ok = "mfma" in c.asm["amdgcn"].lower() if backend == "hip" else "mma" in c.asm["ptx"]
+            assert ok, f"{spec.name} on {target}: no matrix instructions"
+        print(spec.name, target, "ok")
+"""
+
+
+def aot_compile(module: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, module], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_aot_compiles_for_all_targets() -> None:
+    aot_compile("flashport.kernels.attention_decode")

@@ -1,0 +1,133 @@
+"""Lightning indexer, decode form: the Triton score kernel (interpreter on CPU) against its torch twin,
+the twin's selection against the model's `Indexer.select`, and the ahead-of-time compile."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flashport.model.compressor import Indexer
+from flashport.ops.indexer import indexer_scores_torch, indexer_topk, topk_ids
+
+BS, RATE, HI, DI, TOPK = 8, 4, 8, 32, 5  # block size, compress rate, indexer heads, head dim, top-k
+PER_BLOCK = BS // RATE
+POSITIONS = [0, 3, 10, 33, 61]  # no entry, one entry, fewer than TOPK, more, many (crosses programs)
+
+
+def _case(seed: int, positions: list[int], dtype: torch.dtype = torch.float32) -> tuple[tuple, dict]:
+    gen = torch.Generator().manual_seed(seed)
+    Bt = len(positions)
+    width = max(p // BS for p in positions) + 2  # one spare column of -1
+    n_pool = Bt * width + 2
+    perm = torch.randperm(n_pool, generator=gen)
+    cbt = torch.full((Bt, width), -1, dtype=torch.int32)
+    k = 0
+    for i, p in enumerate(positions):
+        for lb in range(p // BS + 1):
+            cbt[i, lb] = perm[k]
+            k += 1
+    q = torch.randn(Bt, HI, DI, generator=gen).to(dtype)
+    weights = torch.randn(Bt, HI, generator=gen) * HI ** -0.5
+    keys = torch.randn(n_pool * PER_BLOCK, DI, generator=gen).to(dtype)
+    pos = torch.tensor(positions, dtype=torch.int32)
+    return (q, weights, keys, cbt, pos), dict(rate=RATE, block_size=BS)
+
+
+def _same_selection(got: torch.Tensor, want: torch.Tensor, scores: torch.Tensor, topk: int) -> None:
+    """Equal id sets per row, unless the row has a near-tie at the k-th place (then either is right)."""
+    for g, w, s in zip(got.tolist(), want.tolist(), scores):
+        finite = s[s > float("-inf")].sort(descending=True).values
+        if topk < finite.numel() and finite[topk - 1] - finite[topk] < 1e-4:
+            continue
+        assert sorted(g) == sorted(w)
+
+
+@pytest.mark.parametrize("max_entries", [None, 12])
+def test_scores_kernel_matches_twin(max_entries: int | None) -> None:
+    from flashport.kernels.indexer import indexer_scores
+
+    args, kw = _case(20, POSITIONS)
+    got = indexer_scores(*args, **kw, max_entries=max_entries)
+    want = indexer_scores_torch(*args, **kw, max_entries=max_entries)
+    assert got.shape == want.shape
+    assert torch.equal(got == float("-inf"), want == float("-inf"))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    visible = torch.tensor([(p + 1) // RATE for p in POSITIONS])
+    assert torch.equal((got > float("-inf")).sum(1), visible.clamp(max=got.shape[1]))
+
+
+def test_topk_kernel_matches_twin_fp16() -> None:
+    args, kw = _case(21, POSITIONS, torch.float16)
+    got = indexer_topk(*args, **kw, topk=TOPK, impl="triton")
+    want = indexer_topk(*args, **kw, topk=TOPK, impl="torch")
+    assert got.shape == (len(POSITIONS), TOPK) and got.dtype == torch.int32
+    _same_selection(got, want, indexer_scores_torch(*args, **kw), TOPK)
+    for row, p in zip(got, POSITIONS):  # -1 exactly where fewer than TOPK entries are closed
+        assert int((row >= 0).sum()) == min(TOPK, (p + 1) // RATE)
+        assert int(row.max()) < (p + 1) // RATE
+
+
+def test_twin_matches_model_select() -> None:
+    """Per sequence, the model's own `Indexer.select` on its dense keys picks the same entries."""
+    (q, weights, keys, cbt, pos), kw = _case(22, POSITIONS)
+    model = Indexer(hidden=8, q_lora_rank=8, n_heads=HI, head_dim=DI, rate=RATE, topk=TOPK, dtype=torch.float32,
+                    norm_eps=1e-6, fp8_block=None, fp8_dtype=torch.float8_e4m3fn)
+    ids = indexer_topk(q, weights, keys, cbt, pos, **kw, topk=TOPK, impl="torch")
+    scores = indexer_scores_torch(q, weights, keys, cbt, pos, **kw)
+    for i, p in enumerate(POSITIONS):
+        n = (p + 1) // RATE
+        rows = [int(cbt[i, e // PER_BLOCK]) * PER_BLOCK + e % PER_BLOCK for e in range(n)]
+        mask = model.select(q[i: i + 1], weights[i: i + 1], keys[rows], pos[i: i + 1].long())  # [1, n]
+        want = mask[0].nonzero().flatten().unsqueeze(0)
+        got = ids[i: i + 1]
+        _same_selection(got[:, got[0] >= 0], want, scores[i: i + 1], TOPK)
+
+
+def test_topk_ids_pads_and_masks() -> None:
+    scores = torch.tensor([[0.5, float("-inf"), 2.0], [float("-inf")] * 3])
+    assert topk_ids(scores, 4).tolist() == [[2, 0, -1, -1], [-1, -1, -1, -1]]
+    assert topk_ids(scores[:, :0], 2).tolist() == [[-1, -1], [-1, -1]]
+
+
+def test_launcher_rejects_bad_inputs() -> None:
+    from flashport.kernels.indexer import indexer_scores
+
+    (q, weights, keys, cbt, pos), kw = _case(1, [9])
+    with pytest.raises(ValueError, match="weights"):
+        indexer_scores(q, weights.half(), keys, cbt, pos, **kw)
+    with pytest.raises(ValueError, match="rate"):
+        indexer_scores(q, weights, keys, cbt, pos, rate=3, block_size=BS)
+
+
+_AOT_SCRIPT = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from flashport.kernels.spec import TARGETS
+import importlib
+mod = importlib.import_module(sys.argv[1])
+for spec in mod.AOT_SPECS:
+    # Pointers 16-byte aligned, as the JIT specializes torch allocations: vectorized loads, as run.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(spec.signature.values()) if t.startswith("*")}
+    for target, (backend, arch, warp) in TARGETS.items():
+        src = triton.compiler.ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs[target], attrs=attrs)
+        c = triton.compile(src, target=GPUTarget(backend, arch, warp), options=spec.options.get(target, {}))
+        if spec.uses_dot:
+            ok = "mfma" in c.asm["amdgcn"].lower() if backend == "hip" else "mma" in c.asm["ptx"]
+            assert ok, f"{spec.name} on {target}: no matrix instructions"
+        print(spec.name, target, "ok")
+"""
+
+
+def aot_compile(module: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, module], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_aot_compiles_for_all_targets() -> None:
+    aot_compile("flashport.kernels.indexer")
