@@ -177,7 +177,3 @@ def test_checks_name_the_tensor():
         compressor_decode(*bad, impl="triton")
 
 
-def test_aot_compiles_for_all_targets():
-    from test_kernels_qkv_rope import aot_compile
-
-    aot_compile("flashport.kernels.compressor")

@@ -3,9 +3,6 @@ the twin's selection against the model's `Indexer.select`, and the ahead-of-time
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -103,31 +100,3 @@ def test_launcher_rejects_bad_inputs() -> None:
         indexer_scores(q, weights, keys, cbt, pos, rate=3, block_size=BS)
 
 
-_AOT_SCRIPT = """
-import sys, triton
-from triton.backends.compiler import GPUTarget
-from flashport.kernels.spec import TARGETS
-import importlib
-mod = importlib.import_module(sys.argv[1])
-for spec in mod.AOT_SPECS:
-    # Pointers 16-byte aligned, as the JIT specializes torch allocations: vectorized loads, as run.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(spec.signature.values()) if t.startswith("*")}
-    for target, (backend, arch, warp) in TARGETS.items():
-        src = triton.compiler.ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs[target], attrs=attrs)
-        c = triton.compile(src, target=GPUTarget(backend, arch, warp), options=spec.options.get(target, {}))
-        if spec.uses_dot:
-            ok = "mfma" in c.asm["amdgcn"].lower() if backend == "hip" else "mma" in c.asm["ptx"]
-            assert ok, f"{spec.name} on {target}: no matrix instructions"
-        print(spec.name, target, "ok")
-"""
-
-
-def aot_compile(module: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, module], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def test_aot_compiles_for_all_targets() -> None:
-    aot_compile("flashport.kernels.indexer")

@@ -1,8 +1,6 @@
 """q / kv norm + RoPE (flashport/ops/qkv_rope.py): the Triton kernel (interpreter on the CPU)
 against the torch twins, which are the model's own functions; ahead-of-time compile for all targets."""
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -106,15 +104,3 @@ print(len(done), "compiled")
 """
 
 
-def aot_compile(module: str, dtype: str = "bfloat16") -> None:
-    """Compile the module's AOT_SPECS of one dtype for every target, without the interpreter.
-    (The fp32 variants compile the same way; the project-wide test covers every spec.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", AOT_CHECK, module, dtype], env=env, capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled" in r.stdout
-
-
-def test_aot_compiles_for_all_targets():
-    aot_compile("flashport.kernels.qkv_rope")

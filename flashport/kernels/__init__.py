@@ -10,4 +10,7 @@ KERNEL_MODULES: tuple[str, ...] = (
     "flashport.kernels.fp8_linear",
     "flashport.kernels.compressor",
     "flashport.kernels.qkv_rope",
+    "flashport.kernels.moe",
+    "flashport.kernels.attention_decode",
+    "flashport.kernels.indexer",
 )

@@ -69,7 +69,10 @@ def compile_spec(module: str, spec: Any, target: str) -> Result:
         params = list(getattr(spec.fn, "arg_names", []))
         if list(spec.signature) != params:
             raise ValueError(f"signature names {list(spec.signature)} != kernel parameters {params}")
-        src = ASTSource(spec.fn, dict(spec.signature), constexprs=dict(spec.constexprs[target]))
+        # Pointers 16-byte aligned, as the JIT sees them at run time (without the hint the loads
+        # compile scalarised and the code differs from what launches).
+        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(spec.signature.values()) if t.startswith("*")}
+        src = ASTSource(spec.fn, dict(spec.signature), constexprs=dict(spec.constexprs[target]), attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget(backend, arch, warp),
                                   options=dict(spec.options.get(target, {})))
         res.matrix = matrix_instructions(compiled.asm, backend)

@@ -59,14 +59,14 @@ class DecodeAttnConfig:
 
 
 # Register budget checked ahead of time (ptxas -v / amdgcn VGPRs, pointers 16-byte aligned as the
-# JIT sees them): sm_90 201 registers, gfx942 235 VGPRs, no spills; BLOCK_DV = 512 (no QK recompute)
+# JIT sees them): sm_90 232 registers, sm_100 187, gfx942 235 VGPRs, no spills; BLOCK_DV = 512 (no QK recompute)
 # sits at 255 on sm_90. Split counts fill the machine (132 SMs on H200, 148 on B200, 304 CUs on
 # MI300X, 256 on MI355X; one 8-warp program per SM) with (D / block_dv) x splits programs per
 # sequence, while the fp32 partials (splits x n_h x D x 4 B per sequence) stay small next to the KV
 # rows read. To be tuned on each GPU (scripts/gpu/bench_attention.py --sweep).
 CONFIGS: dict[str, DecodeAttnConfig] = {
     "sm_90": DecodeAttnConfig(64, 32, 64, 256, 8, 2, ((4, 16), (16, 8), (32, 4), (64, 2))),
-    "sm_100": DecodeAttnConfig(64, 32, 64, 256, 8, 2, ((4, 16), (16, 8), (36, 4), (72, 2))),
+    "sm_100": DecodeAttnConfig(64, 32, 128, 256, 8, 2, ((4, 16), (16, 8), (36, 4), (72, 2))),
     "gfx942": DecodeAttnConfig(64, 32, 64, 256, 8, 2, ((8, 16), (32, 8), (64, 4), (152, 2)),
                                amd={"waves_per_eu": 2, "matrix_instr_nonkdim": 16}),
     "gfx950": DecodeAttnConfig(64, 32, 64, 256, 8, 2, ((8, 16), (32, 8), (64, 4), (128, 2)),
@@ -123,29 +123,28 @@ def _finish(o, out_ptr, cos_ptr, sin_ptr, b, offs_h, h_mask, dv0, H,
 @triton.jit
 def _decode_attn_kernel(q_ptr, win_ptr, wbt_ptr, pos_ptr, ent_ptr, cbt_ptr, eid_ptr, nent_ptr, sink_ptr,
                         cos_ptr, sin_ptr, out_ptr, part_o_ptr, part_ml_ptr,
-                        H, window_size, block_size, per_block, wbt_width, cbt_width, num_ids, qk_scale,
-                        D: tl.constexpr, R: tl.constexpr, COMP: tl.constexpr, BLOCK_H: tl.constexpr,
+                        H, window_size, block_size, per_block, wbt_width, cbt_width, num_ids, mode, num_splits,
+                        qk_scale,
+                        D: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # grid: (head blocks x D/BLOCK_DV, splits, batch); axis 0 fastest, so the programs that read the
-    # same key rows run side by side and share them through L2.
+    # 1-D grid over (batch, split, head block, D/BLOCK_DV chunk), the last fastest: programs that read
+    # the same key rows run side by side and share them through L2; 1-D because grid axes 1 and 2
+    # stop at 65535 and prefill chunks may pass more query rows.
     NDV: tl.constexpr = D // BLOCK_DV
-    dv0 = (tl.program_id(0) % NDV) * BLOCK_DV
-    offs_h = (tl.program_id(0) // NDV) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pid = tl.program_id(0)
+    dv0 = (pid % NDV) * BLOCK_DV
+    n_hb = tl.cdiv(H, BLOCK_H)
+    offs_h = (pid // NDV % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    b = tl.program_id(2)
+    split = pid // (NDV * n_hb) % num_splits
+    b = pid // (NDV * n_hb * num_splits)
     q_row_ptr = q_ptr + b * H * D
 
     pos = tl.load(pos_ptr + b)
     n_win = tl.minimum(pos + 1, window_size)
     t0 = pos + 1 - n_win  # first window token
-    if COMP == 1:
-        n_comp = num_ids
-    elif COMP == 2:
-        n_comp = tl.load(nent_ptr + b)
-    else:
-        n_comp = 0
+    # mode (a runtime value: one compiled variant serves every layer kind): COMP_NONE, COMP_IDS, COMP_COUNT
+    n_comp = tl.where(mode == 1, num_ids, tl.where(mode == 2, tl.load(nent_ptr + b, mask=mode == 2, other=0), 0))
     total = n_win + n_comp  # keys: [0, n_win) window, [n_win, total) compressed
     per_split = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
@@ -163,15 +162,13 @@ def _decode_attn_kernel(q_ptr, win_ptr, wbt_ptr, pos_ptr, ent_ptr, cbt_ptr, eid_
         blk = tl.load(wbt_ptr + b * wbt_width + t // block_size, mask=valid & is_win, other=-1)
         row_ptrs = win_ptr + (blk * block_size + t % block_size).to(tl.int64) * D  # int64: pools pass 2^31
         ok = blk >= 0  # a released window block: nothing to read
-        if COMP != 0:
-            e = j - n_win
-            in_comp = valid & (j >= n_win)
-            if COMP == 1:
-                e = tl.load(eid_ptr + b * num_ids + e, mask=in_comp, other=-1)
-            in_comp = in_comp & (e >= 0) & (e < cbt_width * per_block)
-            cb = tl.load(cbt_ptr + b * cbt_width + e // per_block, mask=in_comp, other=-1)
-            row_ptrs = tl.where(is_win, row_ptrs, ent_ptr + (cb * per_block + e % per_block).to(tl.int64) * D)
-            ok = ok | (cb >= 0)
+        e = j - n_win  # entry index among the compressed keys
+        in_comp = valid & (j >= n_win)  # never with COMP_NONE (n_comp = 0)
+        e = tl.where(mode == 1, tl.load(eid_ptr + b * num_ids + e, mask=in_comp & (mode == 1), other=-1), e)
+        in_comp = in_comp & (e >= 0) & (e < cbt_width * per_block)
+        cb = tl.load(cbt_ptr + b * cbt_width + e // per_block, mask=in_comp, other=-1)
+        row_ptrs = tl.where(is_win, row_ptrs, ent_ptr + (cb * per_block + e % per_block).to(tl.int64) * D)
+        ok = ok | (cb >= 0)
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q_row_ptr, row_ptrs, valid & ok, offs_h, h_mask, dv0,
                                       qk_scale, D, BLOCK_H, BLOCK_N, BLOCK_D, BLOCK_DV)
 
@@ -195,10 +192,10 @@ def _decode_attn_kernel(q_ptr, win_ptr, wbt_ptr, pos_ptr, ent_ptr, cbt_ptr, eid_
 @triton.jit
 def _decode_combine_kernel(part_o_ptr, part_ml_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, H, num_splits,
                            D: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr):
-    # grid: (head blocks, batch). Merges the splits' (max, sum, acc) with the sink, then finishes.
-    offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    # grid: (batch, head blocks). Merges the splits' (max, sum, acc) with the sink, then finishes.
+    b = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
-    b = tl.program_id(1)
     sink = tl.load(sink_ptr + offs_h, mask=h_mask, other=0.0) * _LOG2E
     m_all = sink
     for s in range(num_splits):
@@ -287,19 +284,22 @@ def sparse_decode_attention(q: torch.Tensor, window: torch.Tensor, window_block_
         raise ValueError(f"num_splits: must be >= 1, got {splits}")
     qk_scale = (D ** -0.5 if scale is None else scale) * 1.4426950408889634
     out = torch.empty_like(q)
+    if Bt == 0:
+        return out
     part_o = part_ml = sinks  # unused pointers when not split
     if splits > 1:
         part_o = torch.empty(Bt, splits, H, D, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(Bt, splits, 2, H, dtype=torch.float32, device=q.device)
     n_hb = triton.cdiv(H, block_h)
-    _decode_attn_kernel[(n_hb * (D // block_dv), splits, Bt)](
+    _decode_attn_kernel[(Bt * splits * n_hb * (D // block_dv),)](
         q, window, window_block_table, positions, ent, cbt, eid, nent, sinks, cos, sin, out, part_o, part_ml,
-        H, window_size, block_size, per_block, window_block_table.shape[1], cbt.shape[1], num_ids, qk_scale,
-        D=D, R=R, COMP=comp, BLOCK_H=block_h, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        H, window_size, block_size, per_block, window_block_table.shape[1], cbt.shape[1], num_ids, comp, splits,
+        qk_scale,
+        D=D, R=R, BLOCK_H=block_h, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         **cfg.options())
     if splits > 1:
         cbh = cfg.combine_block_h
-        _decode_combine_kernel[(triton.cdiv(H, cbh), Bt)](
+        _decode_combine_kernel[(Bt, triton.cdiv(H, cbh))](
             part_o, part_ml, sinks, cos, sin, out, H, splits, D=D, R=R, BLOCK_H=cbh, **cfg.combine_options())
     return out
 
@@ -310,25 +310,24 @@ _ATTN_SIG = {
     **{p: "*bf16" for p in ("q_ptr", "win_ptr")}, "wbt_ptr": "*i32", "pos_ptr": "*i32", "ent_ptr": "*bf16",
     "cbt_ptr": "*i32", "eid_ptr": "*i32", "nent_ptr": "*i32", "sink_ptr": "*fp32", "cos_ptr": "*bf16",
     "sin_ptr": "*bf16", "out_ptr": "*bf16", "part_o_ptr": "*fp32", "part_ml_ptr": "*fp32",
-    **{p: "i32" for p in ("H", "window_size", "block_size", "per_block", "wbt_width", "cbt_width", "num_ids")},
+    **{p: "i32" for p in ("H", "window_size", "block_size", "per_block", "wbt_width", "cbt_width", "num_ids",
+                          "mode", "num_splits")},
     "qk_scale": "fp32",
-    **{p: "constexpr" for p in ("D", "R", "COMP", "BLOCK_H", "BLOCK_N", "BLOCK_D", "BLOCK_DV")},
+    **{p: "constexpr" for p in ("D", "R", "BLOCK_H", "BLOCK_N", "BLOCK_D", "BLOCK_DV")},
 }
 _COMBINE_SIG = {"part_o_ptr": "*fp32", "part_ml_ptr": "*fp32", "sink_ptr": "*fp32", "cos_ptr": "*bf16",
                 "sin_ptr": "*bf16", "out_ptr": "*bf16", "H": "i32", "num_splits": "i32",
                 "D": "constexpr", "R": "constexpr", "BLOCK_H": "constexpr"}
 
 
-def _attn_constexprs(c: DecodeAttnConfig, comp: int) -> dict[str, int]:
-    return {"D": _D, "R": _R, "COMP": comp, "BLOCK_H": min(c.block_h, _H), "BLOCK_N": c.block_n,
+def _attn_constexprs(c: DecodeAttnConfig) -> dict[str, int]:
+    return {"D": _D, "R": _R, "BLOCK_H": min(c.block_h, _H), "BLOCK_N": c.block_n,
             "BLOCK_D": c.block_d, "BLOCK_DV": c.block_dv}
 
 
 AOT_SPECS: tuple[AotSpec, ...] = (
-    *(AotSpec(f"decode_attention[{name}]", _decode_attn_kernel, _ATTN_SIG,
-              {t: _attn_constexprs(CONFIGS[t], comp) for t in TARGETS},
-              {t: CONFIGS[t].options() for t in TARGETS}, uses_dot=True)
-      for name, comp in (("swa", COMP_NONE), ("csa", COMP_IDS), ("hca", COMP_COUNT))),
+    AotSpec("decode_attention", _decode_attn_kernel, _ATTN_SIG, {t: _attn_constexprs(CONFIGS[t]) for t in TARGETS},
+            {t: CONFIGS[t].options() for t in TARGETS}, uses_dot=True),
     AotSpec("decode_attention_combine", _decode_combine_kernel, _COMBINE_SIG,
             {t: {"D": _D, "R": _R, "BLOCK_H": CONFIGS[t].combine_block_h} for t in TARGETS},
             {t: CONFIGS[t].combine_options() for t in TARGETS}),

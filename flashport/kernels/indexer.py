@@ -46,9 +46,10 @@ def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, cbt_ptr, pos_ptr, out_ptr,
                            H, rate, per_block, cbt_width, max_entries, scale,
                            DI: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                            KEYS_PER_PROG: tl.constexpr):
-    # grid: (cdiv(max_entries, KEYS_PER_PROG), batch); out [Bt, max_entries] fp32.
-    b = tl.program_id(1)
-    lo = tl.program_id(0) * KEYS_PER_PROG
+    # 1-D grid over (batch, entry chunk of KEYS_PER_PROG), 1-D as axes 1 and 2 stop at 65535 rows.
+    n_chunks = tl.cdiv(max_entries, KEYS_PER_PROG)
+    b = tl.program_id(0) // n_chunks
+    lo = tl.program_id(0) % n_chunks * KEYS_PER_PROG
     hi = tl.minimum(lo + KEYS_PER_PROG, max_entries)
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
@@ -80,12 +81,13 @@ def _check(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...
 
 
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, comp_block_table: torch.Tensor,
-                   positions: torch.Tensor, *, rate: int, block_size: int, max_entries: int | None = None
-                   ) -> torch.Tensor:
+                   positions: torch.Tensor, *, rate: int, block_size: int, max_entries: int | None = None,
+                   config: IndexerConfig | None = None) -> torch.Tensor:
     """q [Bt, H, Di] roped indexer queries, weights [Bt, H] fp32 (already x H^-0.5), keys [rows, Di]
     (this layer's key pool), comp_block_table [Bt, MC] int32, positions [Bt] int32 -> scores
     [Bt, max_entries] fp32, -inf where w >= (pos + 1) // rate. max_entries defaults to MC * P; the
-    caller may pass a smaller bound it knows on the host (the batch's longest context)."""
+    caller may pass a smaller bound it knows on the host (the batch's longest context). config
+    overrides the config table (benchmark sweeps)."""
     _check("q", q, 3, (torch.bfloat16, torch.float16, torch.float32))
     Bt, H, Di = q.shape
     _check("weights", weights, 2, (torch.float32,))
@@ -105,8 +107,8 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, c
     out = torch.empty(Bt, n, dtype=torch.float32, device=q.device)
     if n == 0 or Bt == 0:
         return out
-    cfg = CONFIGS[target_of(q)]
-    _indexer_scores_kernel[(triton.cdiv(n, cfg.keys_per_prog), Bt)](
+    cfg = config if config is not None else CONFIGS[target_of(q)]
+    _indexer_scores_kernel[(triton.cdiv(n, cfg.keys_per_prog) * Bt,)](
         q, weights, keys, comp_block_table, positions, out, H, rate, per_block, comp_block_table.shape[1], n,
         Di ** -0.5, DI=Di, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_N=cfg.block_n,
         KEYS_PER_PROG=cfg.keys_per_prog, **cfg.options())

@@ -268,7 +268,8 @@ def _check_weight(name: str, w: torch.Tensor, scale: torch.Tensor | None, E: int
     if cols % FP4_GROUP:
         raise ValueError(f"{name}: FP4 input dim must be a multiple of {FP4_GROUP}, got {cols}")
     if w.dtype != torch.uint8 or tuple(w.shape) != (E, rows, cols // 2):
-        raise ValueError(f"{name}: FP4 weights must be uint8 [{E}, {rows}, {cols // 2}], got {w.dtype} {tuple(w.shape)}")
+        raise ValueError(f"{name}: FP4 weights must be uint8 [{E}, {rows}, {cols // 2}], "
+                         f"got {w.dtype} {tuple(w.shape)}")
     if scale.dtype != torch.uint8 or tuple(scale.shape) != (E, rows, cols // FP4_GROUP):
         raise ValueError(f"{name}_scale must be uint8 [{E}, {rows}, {cols // FP4_GROUP}], "
                          f"got {scale.dtype} {tuple(scale.shape)}")
@@ -291,6 +292,8 @@ def _launch_options(cfg: dict) -> dict:
 def moe_gate_up(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int, w13: torch.Tensor,
                 w13_scale: torch.Tensor | None, limit: float, form: str, cfg: dict | None = None) -> torch.Tensor:
     """x [N, H], order [N*k] int64, offsets [E+1] int32 -> h [N*k, I] in sorted order (clamped SwiGLU applied)."""
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous float [N, H], got {x.dtype} {tuple(x.shape)}")
     N, H = x.shape
     E, two_i = w13.shape[0], w13.shape[1]
     I = two_i // 2

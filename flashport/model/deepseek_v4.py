@@ -17,7 +17,7 @@ from torch import nn
 
 from flashport.config import ModelConfig
 from flashport.model.attention import Attention, SeqSlice
-from flashport.model.layers import OPS_IMPLS, REFERENCE, RMSNorm, RotaryTables
+from flashport.model.layers import OPS_IMPLS, REFERENCE, Linear, RMSNorm, RotaryTables
 from flashport.model.mhc import HyperConnection, HyperHead, post_update
 from flashport.model.moe import MoE
 from flashport.model.state import DenseCache, LayerCache, ModelCache, SequenceState
@@ -54,13 +54,14 @@ class DeepseekV4(nn.Module):
         if ops_impl not in OPS_IMPLS:
             raise ValueError(f"ops_impl {ops_impl!r}: expected one of {OPS_IMPLS}")
         self.cfg, self.dtype, self.ops_impl = cfg, dtype, ops_impl
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.embed.weight.requires_grad_(False)
+        # Weights are filled by the loader: allocate without the default random init (slow for
+        # V4-sized tables, and on the meta device it pulls in torch._dynamo).
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _freeze=True,
+                                  _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device))
         self.layers = nn.ModuleList(Block(cfg, i, dtype, fp8_dtype, device) for i in range(cfg.num_hidden_layers))
         self.hc_head = HyperHead(cfg.hc_mult, cfg.hidden_size, cfg.hc_eps, cfg.rms_norm_eps, device)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
-        self.head.weight.requires_grad_(False)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device=device)
         self.rope = RotaryTables(cfg, device)
 
     @property

@@ -142,14 +142,17 @@ def sweep(w: dict, g: torch.Generator) -> list[dict]:
     out = []
     plans = [
         ("decode", 64, "gate_up", [dict(BLOCK_N=n, BLOCK_K=k, num_warps=nw)
-                                   for n in (32, 64) for k in (64, 128) for nw in (4, 8)]),
+                                   for n in (32, 64) for k in (64, 128, 256) for nw in (4, 8)]
+         + [dict(SCALE_AFTER_DOT=False), dict(num_stages=2), dict(num_stages=3)]),
         ("decode", 64, "down", [dict(BLOCK_N=n, BLOCK_K=k, num_warps=nw)
-                                for n in (32, 64, 128) for k in (64, 128) for nw in (4, 8)]),
+                                for n in (32, 64, 128) for k in (64, 128, 256) for nw in (4, 8)]
+         + [dict(SCALE_AFTER_DOT=False)]),
         ("prefill", 8192, "gate_up", [dict(BLOCK_M=m, BLOCK_N=n, num_warps=nw)
                                       for m in (64, 128) for n in (64, 128) for nw in (4, 8)]
-         + [dict(BLOCK_K=128)]),
+         + [dict(BLOCK_K=128), dict(BLOCK_K=32), dict(SCALE_AFTER_DOT=True), dict(GROUP_M=1), dict(GROUP_M=16)]),
         ("prefill", 8192, "down", [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=8)
-                                   for m in (64, 128) for n in (64, 128) for k in (64, 128)]),
+                                   for m in (64, 128) for n in (64, 128) for k in (64, 128)]
+         + [dict(SCALE_AFTER_DOT=True), dict(BLOCK_M=256, BLOCK_N=64, num_warps=8)]),
     ]
     for form, n, kernel, variants in plans:
         s = make_inputs(n, g)[0]
@@ -159,12 +162,12 @@ def sweep(w: dict, g: torch.Generator) -> list[dict]:
         h = moe_gemm.moe_gate_up(s["x"], order, offsets, K, w["w13"], w["w13_scale"], LIMIT, form)
         for v in [{}] + variants:
             cfg = {**base, **v}
-            if kernel == "gate_up":
-                fn = lambda: moe_gemm.moe_gate_up(s["x"], order, offsets, K, w["w13"], w["w13_scale"], LIMIT,  # noqa: E731
-                                                  form, cfg)
-            else:
-                fn = lambda: moe_gemm.moe_down(h, order, offsets, s["weights"].reshape(-1), w["w2"],  # noqa: E731
-                                               w["w2_scale"], form, cfg)
+
+            def fn(cfg: dict = cfg) -> torch.Tensor:
+                if kernel == "gate_up":
+                    return moe_gemm.moe_gate_up(s["x"], order, offsets, K, w["w13"], w["w13_scale"], LIMIT, form, cfg)
+                return moe_gemm.moe_down(h, order, offsets, s["weights"].reshape(-1), w["w2"], w["w2_scale"], form, cfg)
+
             try:
                 us = 1e3 * median_ms(fn, rep=50)
             except Exception as e:  # out of shared memory / registers: record and go on
