@@ -69,6 +69,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         cache_bytes=args.cache_bytes,
+        ops_impl=args.ops_impl,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -125,7 +126,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dequantize=args.dequantize, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, cache_bytes=args.cache_bytes,
-        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, progress=False)
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, progress=False, ops_impl=args.ops_impl)
     return run_server(model, host=args.host, port=args.port, api_key=api_key,
                       served_model_name=args.served_model_name, max_waiting=args.max_waiting,
                       max_request_bytes=args.max_request_bytes, shutdown_grace=args.shutdown_grace,
@@ -174,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fraction of GPU memory for weights, activations and state pools (default 0.9)")
     gen.add_argument("--cache-bytes", type=int, default=None,
                      help="state pool budget in bytes (the CPU budget; on a GPU it overrides the fraction)")
+    gen.add_argument("--ops-impl", choices=["auto", "reference", "torch", "triton"], default="auto",
+                     help="how the model computes: auto (Triton kernels on a GPU, torch twins on a CPU; default), reference (plain torch), torch, triton")
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -211,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="state pool budget in bytes (the CPU budget; on a GPU it overrides the fraction)")
     srv.add_argument("--no-prefix-caching", action="store_true", help="disable prefix reuse")
     srv.add_argument("--seed", type=int, default=0, help="engine seed (for requests without a seed)")
+    srv.add_argument("--ops-impl", choices=["auto", "reference", "torch", "triton"], default="auto",
+                     help="how the model computes: auto (Triton kernels on a GPU, torch twins on a CPU; default), reference (plain torch), torch, triton")
     srv.set_defaults(func=_cmd_serve)
     return parser
 
