@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flashport.kernels.qkv_rope import DTYPES, TL_PTR, round_to
-from flashport.kernels.spec import INTERPRET, AotSpec, target_of
+from flashport.kernels.qkv_rope import DTYPES, round_to
+from flashport.kernels.spec import INTERPRET, TRITON_PTR, AotSpec, target_of
 
 # target -> elements of one slot tile (slot chunk x D), num_warps, num_stages. A CSA block (2m = 8
 # slots) is one tile; an HCA block (128 slots x 512) is walked in chunks of `tile_elems // D` slots.
@@ -243,7 +243,7 @@ def compressor_decode(kv: torch.Tensor, gate: torch.Tensor, slots: torch.Tensor,
 
 
 def _spec(name: str, dtype: torch.dtype, m: int, d: int, rope: int, overlap: bool) -> AotSpec:
-    p = TL_PTR[dtype]
+    p = TRITON_PTR[dtype]
     targets = [t for t in CONFIGS if t != INTERPRET]
     sig = dict(kv_ptr=p, gate_ptr=p, slot_ptr="*i64", pos_ptr="*i64", close_ptr="*i64", bnd_ptr="*i64",
                pkv_ptr=p, pgate_ptr=p, entries_ptr=p, ape_ptr="*fp32", normw_ptr="*fp32", cos_ptr=p, sin_ptr=p,

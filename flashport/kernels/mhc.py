@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from flashport.kernels.rmsnorm import round_to
-from flashport.kernels.spec import INTERPRET, AotSpec, target_of
+from flashport.kernels.spec import AotSpec, INTERPRET, TRITON_PTR, target_of
 
 HC = 4  # streams; the kernels are written for 4 (V4-Flash hc_mult)
 
@@ -61,7 +61,6 @@ ROW_CONFIGS: dict[str, dict[str, int | bool]] = {
     INTERPRET: dict(BLOCK_T=16, BLOCK_H=256, num_warps=1, num_stages=1, enable_fp_fusion=False),
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_TL_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
 @triton.jit
@@ -301,7 +300,7 @@ _GPU_TARGETS = tuple(t for t in MIX_CONFIGS if t != INTERPRET)
 
 
 def _specs(dtype: torch.dtype) -> tuple[AotSpec, ...]:
-    p, dt = _TL_PTR[dtype], str(dtype).removeprefix("torch.")
+    p, dt = TRITON_PTR[dtype], str(dtype).removeprefix("torch.")
     specs = []
     for head in (False, True):
         form = "head" if head else "pre"

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashport.kernels.spec import INTERPRET, AotSpec, target_of
+from flashport.kernels.spec import AotSpec, INTERPRET, TRITON_PTR, target_of
 from flashport.kernels.rmsnorm import round_to
 
 # target -> elements per program (BLOCK_R rows x D), num_warps, num_stages. enable_fp_fusion=False
@@ -35,7 +35,6 @@ CONFIGS: dict[str, dict[str, int | bool]] = {
     INTERPRET: dict(elems=256, num_warps=1, num_stages=1, enable_fp_fusion=False),
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-TL_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
 @triton.jit
@@ -147,7 +146,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, s
 
 
 def _spec(name: str, dtype: torch.dtype, heads: int, D: int, rope: int, weighted: bool, store: bool) -> AotSpec:
-    p = TL_PTR[dtype]
+    p = TRITON_PTR[dtype]
     targets = [t for t in CONFIGS if t != INTERPRET]
     return AotSpec(
         name=name, fn=_norm_rope_kernel,

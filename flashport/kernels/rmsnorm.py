@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashport.kernels.spec import INTERPRET, AotSpec, target_of
+from flashport.kernels.spec import AotSpec, INTERPRET, TRITON_PTR, target_of
 
 # target -> elements per program (rows x padded D), num_warps, num_stages. A program holds whole
 # rows, so D = 4096 is one row per program and D = 128 is 32 rows. enable_fp_fusion=False keeps
@@ -33,7 +33,6 @@ CONFIGS: dict[str, dict[str, int | bool]] = {
     INTERPRET: dict(elems=8192, num_warps=1, num_stages=1, enable_fp_fusion=False),
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_TL_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
 @triton.jit
@@ -105,7 +104,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.T
 
 
 def _spec(name: str, dtype: torch.dtype, D: int, has_weight: bool) -> AotSpec:
-    p = _TL_PTR[dtype]
+    p = TRITON_PTR[dtype]
     constexprs = {}
     for target in CONFIGS:
         if target == INTERPRET:

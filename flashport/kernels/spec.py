@@ -54,5 +54,9 @@ def target_of(t: torch.Tensor) -> str:
     return _cuda_target(t.device.index or 0)
 
 
+# Pointer types of float tensors in an AotSpec signature.
+TRITON_PTR: dict[torch.dtype, str] = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
 def fp8_triton_type(dtype: torch.dtype) -> str:
     return {torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e4m3fnuz: "*fp8e4b8"}[dtype]

@@ -20,7 +20,7 @@ from flashport.model.quant import dequant_fp8_blocks
 # "auto", "torch" and "triton" go through flashport.ops (Triton kernels on a GPU with "auto",
 # their torch twins on the CPU; "triton" forces kernels, the interpreter on a CPU).
 REFERENCE = "reference"
-OPS_IMPLS = (REFERENCE, "auto", "torch", "triton")
+OPS_IMPLS = (REFERENCE, "auto", "torch", "triton")  # REFERENCE + flashport.ops.IMPLS
 
 
 class RMSNorm(nn.Module):

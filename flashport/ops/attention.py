@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from flashport.ops import use_triton
+
 from flashport.model.layers import apply_rope
 
-
-def _use_triton(impl: str, t: torch.Tensor) -> bool:
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl: expected 'auto', 'triton' or 'torch', got {impl!r}")
-    return impl == "triton" or (impl == "auto" and t.device.type == "cuda")  # ROCm tensors are "cuda" too
 
 
 def _pool_rows(table: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, per_block: int
@@ -73,7 +70,7 @@ def sparse_decode_attention(q: torch.Tensor, window: torch.Tensor, window_block_
     inverse rope). The current token's K=V row must already be in the window pool."""
     kw = dict(window_size=window_size, block_size=block_size, entries=entries, comp_block_table=comp_block_table,
               entry_ids=entry_ids, num_entries=num_entries, rate=rate, scale=scale)
-    if _use_triton(impl, q):
+    if use_triton(q, impl):
         from flashport.kernels.attention_decode import sparse_decode_attention as kernel
 
         return kernel(q, window, window_block_table, positions, sinks, cos, sin, **kw)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from flashport.ops import use_triton
+
 from flashport.model.layers import apply_rope
 from flashport.ops.qkv_rope import rms_norm
 
@@ -69,11 +71,9 @@ def compressor_decode(kv: torch.Tensor, gate: torch.Tensor, slots: torch.Tensor,
     """kv, gate [B, width]; slots, positions, close_rows, boundary_blocks [B] int64; pend_kv, pend_gate
     [S, m-1, width]; entries [R, d]; ape [m, width] fp32; norm_weight [d] fp32; cos, sin [B, rope/2] at
     p+1-m. Updates the pools in place (see the module docstring)."""
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     args = (kv, gate, slots, positions, close_rows, boundary_blocks, pend_kv, pend_gate, entries, ape, norm_weight,
             eps, cos, sin, overlap)
-    if impl == "torch" or (impl == "auto" and kv.device.type == "cpu"):
+    if not use_triton(kv, impl):
         compressor_decode_ref(*args)
         return
     from flashport.kernels.compressor import compressor_decode as kernel

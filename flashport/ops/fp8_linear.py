@@ -10,11 +10,12 @@ buffer and the vendor GEMM runs (prefill is compute-bound, where cuBLAS / hipBLA
 from __future__ import annotations
 
 import torch
+
+from flashport.ops import use_triton
 import torch.nn.functional as F
 
 from flashport.model.quant import dequant_fp8_blocks
 
-_IMPLS = ("auto", "torch", "triton")
 
 
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -28,11 +29,6 @@ def grouped_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     w = dequant_fp8_blocks(weight, scale, x.dtype).view(G, -1, Kg)  # [G, No, Kg]
     return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)  # [M, G, No]
 
-
-def _use_triton(x: torch.Tensor, impl: str) -> bool:
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    return impl == "triton" or (impl == "auto" and x.device.type != "cpu")
 
 
 def _dense(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, scratch: torch.Tensor | None
@@ -60,7 +56,7 @@ def _kernel_path(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, impl: str = "auto",
                scratch: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (fp32/fp16/bf16) @ W^T, W = FP8 weight [N, K] + uint8 block scales -> [..., N] in x.dtype."""
-    if not _use_triton(x, impl):
+    if not use_triton(x, impl):
         return fp8_linear_ref(x, weight, scale)
     from flashport.kernels import fp8_linear as k
 
@@ -84,7 +80,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] % x.shape[1] or weight.shape[1] != x.shape[2]:
         raise ValueError(f"grouped_linear needs x [M, G, Kg] and weight [G*No, Kg], got x {tuple(x.shape)} "
                          f"and weight {tuple(weight.shape)}")
-    if not _use_triton(x, impl):
+    if not use_triton(x, impl):
         return grouped_linear_ref(x, weight, scale)
     from flashport.kernels import fp8_linear as k
 

@@ -10,9 +10,11 @@ weights, sum over heads); entries not yet closed get -inf. Both paths then run t
 from __future__ import annotations
 
 import torch
+
+from flashport.ops import use_triton
 import torch.nn.functional as F
 
-from flashport.ops.attention import _pool_rows, _use_triton
+from flashport.ops.attention import _pool_rows
 
 
 def indexer_scores_torch(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, comp_block_table: torch.Tensor,
@@ -47,7 +49,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, com
     """One decode token per sequence: q [Bt, H, Di], weights [Bt, H] fp32 -> selected entry ids
     [Bt, topk] int32 (-1 padded), for the CSA attention's `entry_ids`. No host sync."""
     kw = dict(rate=rate, block_size=block_size, max_entries=max_entries)
-    if _use_triton(impl, q):
+    if use_triton(q, impl):
         from flashport.kernels.indexer import indexer_scores
 
         scores = indexer_scores(q, weights, keys, comp_block_table, positions, **kw)

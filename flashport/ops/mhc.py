@@ -7,11 +7,12 @@ HyperHead.forward), op for op; tests check they agree bit for bit.
 from __future__ import annotations
 
 import torch
+
+from flashport.ops import use_triton
 import torch.nn.functional as F
 
 from flashport.ops.rmsnorm import rms_norm_unweighted_ref
 
-IMPLS = ("auto", "torch", "triton")
 
 
 def mhc_pre_ref(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
@@ -48,17 +49,12 @@ def mhc_head_ref(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
     return (pre.unsqueeze(-1) * x).sum(dim=1).to(x.dtype)
 
 
-def _use_triton(x: torch.Tensor, impl: str) -> bool:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl == "triton" or (impl == "auto" and x.device.type == "cuda")
-
 
 def mhc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
             norm_eps: float, sinkhorn_iters: int, impl: str = "auto"
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [N, 4, hidden] contiguous -> (u [N, hidden] x.dtype, post [N, 4] fp32, comb [N, 4, 4] fp32)."""
-    if _use_triton(x, impl):
+    if use_triton(x, impl):
         from flashport.kernels import mhc  # triton is optional on CPU installs
 
         return mhc.mhc_pre(x, fn, base, scale, hc_eps, norm_eps, sinkhorn_iters)
@@ -68,7 +64,7 @@ def mhc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
 def mhc_post(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
              impl: str = "auto") -> torch.Tensor:
     """x [N, 4, hidden], y [N, hidden], post [N, 4] fp32, comb [N, 4, 4] fp32 -> [N, 4, hidden]."""
-    if _use_triton(x, impl):
+    if use_triton(x, impl):
         from flashport.kernels import mhc
 
         return mhc.mhc_post(x, y, post, comb)
@@ -78,7 +74,7 @@ def mhc_post(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.T
 def mhc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
              norm_eps: float, impl: str = "auto") -> torch.Tensor:
     """x [N, 4, hidden] contiguous -> [N, hidden] x.dtype."""
-    if _use_triton(x, impl):
+    if use_triton(x, impl):
         from flashport.kernels import mhc
 
         return mhc.mhc_head(x, fn, base, scale, hc_eps, norm_eps)

@@ -12,11 +12,12 @@ projection rounded, times the routing weight rounded; the k picks summed in fp32
 from __future__ import annotations
 
 import torch
+
+from flashport.ops import use_triton
 import torch.nn.functional as F
 
 from flashport.model.quant import dequant_fp4
 
-IMPLS = ("auto", "triton", "torch")
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -61,9 +62,7 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13
 
     w13 [E, 2I, H/2] uint8 FP4 + w13_scale [E, 2I, H/32] uint8, or plain [E, 2I, H] with scale
     None (gate rows then up rows); w2 [E, H, I/2] + [E, H, I/32], or plain [E, H, I]."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch" or (impl == "auto" and x.device.type == "cpu"):
+    if not use_triton(x, impl):
         return fused_moe_torch(x, weights, experts, w13, w13_scale, w2, w2_scale, limit)
     from flashport.kernels.moe import fused_moe_triton  # Triton only where kernels run
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from flashport.ops import use_triton
+
 from flashport.model.layers import apply_rope, rms_unweighted
 
 
@@ -25,15 +27,10 @@ def kv_norm_rope_ref(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, co
     return apply_rope(rms_norm(kv, norm_weight, eps).unsqueeze(1), cos, sin).squeeze(1)
 
 
-def _use_triton(x: torch.Tensor, impl: str) -> bool:
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-    return impl == "triton" or (impl == "auto" and x.device.type != "cpu")
-
 
 def q_norm_rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
     """q [N, H, D] (wq_b output) -> unweighted per-head RMSNorm, then RoPE at cos/sin [N, rope/2]."""
-    if not _use_triton(q, impl):
+    if not use_triton(q, impl):
         return q_norm_rope_ref(q, cos, sin, eps)
     from flashport.kernels.qkv_rope import norm_rope
 
@@ -44,7 +41,7 @@ def kv_norm_rope_store(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
                        window_pool: torch.Tensor, rows: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """kv [N, D] (wkv output) -> weighted RMSNorm + RoPE [N, D]; also window_pool[rows[n]] = out[n]
     (window_pool [R, D], rows [N] int64; a row < 0 is not stored, e.g. a padding token)."""
-    if not _use_triton(kv, impl):
+    if not use_triton(kv, impl):
         out = kv_norm_rope_ref(kv, norm_weight, eps, cos, sin)
         keep = rows >= 0  # boolean indexing syncs on a GPU: fine for the reference path
         window_pool.index_copy_(0, rows[keep], out[keep])

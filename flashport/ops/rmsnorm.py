@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-IMPLS = ("auto", "torch", "triton")
+from flashport.ops import use_triton
+
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,15 +24,10 @@ def rms_norm_unweighted_ref(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
-def _use_triton(x: torch.Tensor, impl: str) -> bool:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl == "triton" or (impl == "auto" and x.device.type == "cuda")
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
     """x [..., D] (contiguous), weight [D] fp32 -> [..., D] in x.dtype."""
-    if _use_triton(x, impl):
+    if use_triton(x, impl):
         from flashport.kernels.rmsnorm import rmsnorm  # triton is optional on CPU installs
 
         return rmsnorm(x, weight, eps)
@@ -40,7 +36,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "aut
 
 def rms_norm_unweighted(x: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
     """x [..., D] (contiguous; per head: [N, H, D]) -> [..., D] in x.dtype."""
-    if _use_triton(x, impl):
+    if use_triton(x, impl):
         from flashport.kernels.rmsnorm import rmsnorm
 
         return rmsnorm(x, None, eps)
