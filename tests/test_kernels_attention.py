@@ -17,22 +17,28 @@ RATE_CSA, RATE_HCA, TOPK = 4, 8, 6
 POSITIONS = [0, 3, 7, 8, 21, 50]  # one token only, partial window, exact window, block edges, long
 
 
-def _case(seed: int, positions: list[int], mode: str, dtype: torch.dtype = torch.float32, heads: int = H
-          ) -> tuple[tuple, dict]:
-    """Random pools and block tables (scattered blocks, released window blocks -> -1) for a batch."""
+def _case(seed: int, positions: list[int], mode: str, dtype: torch.dtype = torch.float32, heads: int = H,
+          seq_of: list[int] | None = None, entry_dtype: torch.dtype | None = None) -> tuple[tuple, dict]:
+    """Random pools and block tables (scattered blocks, released window blocks -> -1) for a batch of
+    query rows. seq_of[i]: the sequence of row i (default: one sequence per row); rows of one sequence
+    (a prefill chunk) share its block tables, sized for its last row."""
     gen = torch.Generator().manual_seed(seed)
     Bt = len(positions)
+    seq_of = list(range(Bt)) if seq_of is None else seq_of
+    last = {s: max(p for p, t in zip(positions, seq_of) if t == s) for s in seq_of}
     width = max(p // BS for p in positions) + 2  # one spare column, never read
-    n_pool = Bt * width + 3
+    n_pool = len(last) * width + 3
     wperm, cperm = torch.randperm(n_pool, generator=gen), torch.randperm(n_pool, generator=gen)
     wbt = torch.full((Bt, width), -1, dtype=torch.int32)
     cbt = torch.full((Bt, width), -1, dtype=torch.int32)
     k = 0
-    for i, p in enumerate(positions):
+    for s, p in last.items():
+        rows = [i for i, t in enumerate(seq_of) if t == s]
+        first = min(positions[i] for i in rows)
         for lb in range(p // BS + 1):
-            cbt[i, lb] = cperm[k]
-            if (lb + 1) * BS - 1 > p - W:  # the block still holds a window token
-                wbt[i, lb] = wperm[k]
+            cbt[rows, lb] = int(cperm[k])
+            if (lb + 1) * BS - 1 > first - W:  # the block still holds a window token of the first row
+                wbt[rows, lb] = int(wperm[k])
             k += 1
 
     def rnd(*shape: int) -> torch.Tensor:
@@ -57,6 +63,8 @@ def _case(seed: int, positions: list[int], mode: str, dtype: torch.dtype = torch
         counts = torch.tensor([(p + 1) // RATE_HCA for p in positions], dtype=torch.int32)  # 0 for short ones
         kw.update(entries=rnd(n_pool * (BS // RATE_HCA), D), comp_block_table=cbt, num_entries=counts,
                   rate=RATE_HCA)
+    if entry_dtype is not None and "entries" in kw:  # fp8 pool: bf16-like values cast down, no scale
+        kw["entries"] = (kw["entries"] * 4).to(entry_dtype)
     return (q, window, wbt, pos, sinks, cos, sin), kw
 
 
@@ -69,6 +77,37 @@ def test_kernel_matches_twin(mode: str, splits: int | None) -> None:
     got = kernel(*args, **kw, num_splits=splits)
     want = sparse_decode_attention_torch(*args, **kw)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("entry_dtype", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
+@pytest.mark.parametrize("mode", ["csa", "hca"])
+def test_kernel_fp8_entries(mode: str, entry_dtype: torch.dtype) -> None:
+    # kv_cache_dtype="fp8": the entry pool in fp8 (e4m3fnuz decoded in software on the CPU), the
+    # window pool and the queries in the model dtype; the twin casts the gathered rows.
+    from flashport.kernels.attention_decode import sparse_decode_attention as kernel
+
+    args, kw = _case(21, [5, 23, 50], mode, entry_dtype=entry_dtype)
+    got = kernel(*args, **kw)
+    torch.testing.assert_close(got, sparse_decode_attention_torch(*args, **kw), rtol=2e-5, atol=2e-5)
+
+
+def test_kernel_mixed_decode_and_prefill_rows() -> None:
+    # Rows 0-4: a prefill chunk of one sequence (positions 10..14, shared tables, windows that move
+    # with the row); rows 5-6: decode tokens of two other sequences. 7 rows take the interpreter
+    # table's prefill form (full-D output tile, BLOCK_N 32); forced splits on top of it.
+    from dataclasses import replace
+
+    from flashport.kernels.attention_decode import CONFIGS
+    from flashport.kernels.attention_decode import sparse_decode_attention as kernel
+
+    assert CONFIGS["interpret"].pick(7).block_dv == D
+    args, kw = _case(31, [10, 11, 12, 13, 14, 33, 2], "csa", seq_of=[0, 0, 0, 0, 0, 1, 2])
+    want = sparse_decode_attention_torch(*args, **kw)
+    for splits in (None, 2):
+        torch.testing.assert_close(kernel(*args, **kw, num_splits=splits), want, rtol=2e-5, atol=2e-5)
+    # The entry loop without the row pass (ids and block table read inside the key loop), Q in registers.
+    no_pass = replace(CONFIGS["interpret"].pick(7), row_pass=False, q_regs=True)
+    torch.testing.assert_close(kernel(*args, **kw, config=no_pass), want, rtol=2e-5, atol=2e-5)
 
 
 def test_kernel_small_batch_auto_split_fp16() -> None:
@@ -116,6 +155,10 @@ def test_launcher_rejects_bad_inputs() -> None:
         kernel(q, window, wbt.long(), pos, sinks, cos, sin, **kw)
     with pytest.raises(ValueError, match="entry_ids .CSA. or num_entries"):
         kernel(q, window, wbt, pos, sinks, cos, sin, **{**kw, "num_entries": None})
+    with pytest.raises(ValueError, match="entries"):
+        kernel(q, window, wbt, pos, sinks, cos, sin, **{**kw, "entries": kw["entries"].to(torch.float16)})
+    with pytest.raises(ValueError, match="window"):  # fp8 is for the entry pool only
+        kernel(q, window.to(torch.float8_e4m3fn), wbt, pos, sinks, cos, sin, **kw)
     with pytest.raises(ValueError, match="impl"):
         sparse_decode_attention(q, window, wbt, pos, sinks, cos, sin, **kw, impl="cuda")
 

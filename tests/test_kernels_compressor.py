@@ -11,6 +11,7 @@ from flashport.kernels import compressor as kernel_mod
 from flashport.kernels.spec import INTERPRET
 from flashport.model.compressor import Compressor
 from flashport.model.layers import RotaryTables
+from flashport.model.quant import to_fp8_storage
 from flashport.model.state import CompressorState
 from flashport.model.tiny import tiny_config
 from flashport.ops.compressor import compressor_decode
@@ -177,3 +178,23 @@ def test_checks_name_the_tensor():
         compressor_decode(*bad, impl="triton")
 
 
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("csa", [True, False], ids=["csa", "hca"])
+def test_fp8_pool_kernel_equals_twin(csa, fp8):
+    # kv_cache_dtype="fp8": the entries pool holds E4M3; kernel and twin store the same codes, and
+    # they are the reference's entries cast with saturation.
+    pools = {}
+    for impl in ("torch", "triton"):
+        case = Case(4, csa, torch.float32, _starts(4), seed=21 + csa)
+        P = case.pools
+        P.entries = to_fp8_storage(P.entries, fp8)
+        for _ in range(9):
+            case.step(impl)
+        pools[impl] = P.entries
+        if impl == "torch":  # the twin's entries are the reference's, cast
+            for b, st in enumerate(case.states):
+                rows = [case.entry_row(b, w) for w in range(st.num_entries)]
+                assert torch.equal(P.entries[rows].view(torch.uint8), to_fp8_storage(st.entries, fp8).view(torch.uint8))
+    assert torch.equal(pools["torch"].view(torch.uint8), pools["triton"].view(torch.uint8))

@@ -97,14 +97,69 @@ def test_dequant_matmul_path_with_scratch():
 
 
 def test_rows_do_not_depend_on_batch():
-    # The split over K is chosen from the weight shape alone, so a row's sums run in the same
-    # order at any M within the decode form.
+    # The split over K is chosen from the weight shape and the M class alone, so a row's sums run
+    # in the same order at any M within one decode class (interpreter classes: M <= 4, M <= 16).
     g = torch.Generator().manual_seed(12)
-    q, s = _weight(g, 160, 512)  # 5 N tiles on 4 "SMs": 3 uneven K splits
+    q, s = _weight(g, 160, 512)  # 3 N tiles of 64 on 4 "SMs": 2 uneven K splits
     x = torch.randn(9, 512, generator=g)
     assert k.plan(x[:, None], q, "decode").splits > 1
     full = k.fp8_matmul(x[:, None], q, s, "decode")
-    assert torch.equal(k.fp8_matmul(x[4:5, None], q, s, "decode"), full[4:5])
+    # rows at the same place in their M tile (the interpreter's numpy matmul rounds by position)
+    assert torch.equal(k.fp8_matmul(x[:5, None], q, s, "decode"), full[:5])
+
+
+def test_decode_classes_pick_by_m():
+    g = torch.Generator().manual_seed(15)
+    q, s = _weight(g, 160, 512)
+    small, large = CFG.decode
+    for m, cls in ((1, small), (small.max_m, small), (small.max_m + 1, large), (CFG.decode_max_m, large)):
+        x = torch.randn(m, 1, 512, generator=g)
+        p = k.plan(x, q)
+        assert p.form == "decode" and p.launch == cls.launch
+        _check(k.fp8_matmul(x, q, s)[:, 0], x[:, 0], q, s, 1e-5)
+    assert k.plan(torch.randn(CFG.decode_max_m + 1, 1, 512), q).form == "prefill"
+    with pytest.raises(ValueError, match="ascending"):
+        k.Fp8LinearConfig(decode=(large, small), prefill=CFG.prefill, dequant=CFG.dequant, split_sum=CFG.split_sum)
+
+
+def test_f16_dot_for_bf16_activations():
+    """F16_DOT: bf16 x rows scaled into fp16 by a power of two, the dot in fp16. Rows from 1e-20 to
+    3e4 (beyond fp16's range unscaled) stay within bf16 output rounding of the fp32 reference.
+    (The interpreter's bf16 dot is wrong, so only this form runs bf16 x here.)"""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(16)
+    q, s = _weight(g, 160, 512, exps=(-9, -3, 2))
+    x = (torch.randn(6, 512, generator=g) * torch.tensor([1, 1e-3, 1e3, 1e-20, 3e4, 0])[:, None]).bfloat16()
+    x[0, :7] = 0
+    cfg = dataclasses.replace(CFG, decode=tuple(
+        dataclasses.replace(c, launch=k.Launch({**c.launch.constexprs, "F16_DOT": True}, c.launch.options))
+        for c in CFG.decode))
+    w = dequant_fp8_blocks(q, s, torch.float32)
+    ref, bound = x.float() @ w.T, x.float().abs() @ w.abs().T
+    for m in (1, 6):  # both interpreter classes; split-K on
+        y = k.fp8_matmul(x[:m, None], q, s, "decode", cfg)[:, 0]
+        assert y.dtype == torch.bfloat16
+        assert torch.all((y.float() - ref[:m]).abs() <= 2 ** -8 * bound[:m] + 1e-30)
+    assert torch.all(k.fp8_matmul(x[5:, None], q, s, "decode", cfg) == 0)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_split_sum_equals_split_sum_launch(groups):
+    """fused_sum: the last split of each tile adds the partials (in split order, as split_sum does):
+    bit-identical results, and the arrival counters are back at zero after every launch."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(17)
+    q, s = _weight(g, 96 if groups == 1 else 32 * groups, 512)  # 2 N tiles on 4 "SMs": K splits
+    x = torch.randn(7, groups, 512, generator=g)
+    fused = dataclasses.replace(CFG, decode=tuple(dataclasses.replace(c, fused_sum=True) for c in CFG.decode))
+    p = k.plan(x, q, "decode", fused)
+    assert p.splits > 1 and p.fused_sum
+    for _ in range(2):  # the counters are reused by the next launch
+        y = k.fp8_matmul(x, q, s, "decode", fused)
+        assert torch.equal(y, k.fp8_matmul(x, q, s, "decode"))
+        assert int(k._counters(x.device, 1).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("M", [1, 37, 50])

@@ -57,6 +57,40 @@ def test_scores_kernel_matches_twin(max_entries: int | None) -> None:
     assert torch.equal((got > float("-inf")).sum(1), visible.clamp(max=got.shape[1]))
 
 
+@pytest.mark.parametrize("key_dtype", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
+def test_scores_kernel_fp8_keys(key_dtype: torch.dtype) -> None:
+    """kv_cache_dtype "fp8": keys stored as the bf16 values cast to FP8, no scale."""
+    from flashport.kernels.indexer import indexer_scores
+
+    (q, weights, keys, cbt, pos), kw = _case(23, POSITIONS)
+    keys8 = keys.to(torch.bfloat16).to(key_dtype)
+    got = indexer_scores(q, weights, keys8, cbt, pos, **kw)
+    want = indexer_scores_torch(q, weights, keys8, cbt, pos, **kw)
+    assert torch.equal(got == float("-inf"), want == float("-inf"))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the twin decodes exactly: the same as scoring the decoded keys in fp32
+    torch.testing.assert_close(want, indexer_scores_torch(q, weights, keys8.float(), cbt, pos, **kw))
+    ids = indexer_topk(q, weights, keys8, cbt, pos, **kw, topk=TOPK, impl="triton")
+    _same_selection(ids, indexer_topk(q, weights, keys8, cbt, pos, **kw, topk=TOPK, impl="torch"), want, TOPK)
+
+
+def test_scores_kernel_fp8_keys_bf16_queries() -> None:
+    """bf16 q with FP8 keys: the dot runs in fp16 on q rows scaled by powers of two (F16_Q), here
+    with rows from 1e-20 to 1e5 (beyond fp16's range unscaled). Within fp32 summation error of
+    the twin. (The interpreter's bf16 arithmetic is wrong; this path only converts bf16.)"""
+    from flashport.kernels.indexer import indexer_scores
+
+    (q, weights, keys, cbt, pos), kw = _case(24, POSITIONS)
+    q = (q * torch.tensor([1.0, 1e-20, 1e5, 3e-3] * 2)[None, :, None]).to(torch.bfloat16)
+    keys8 = keys.to(torch.float8_e4m3fn)
+    got = indexer_scores(q, weights, keys8, cbt, pos, **kw)
+    want = indexer_scores_torch(q, weights, keys8, cbt, pos, **kw)
+    assert torch.equal(got == float("-inf"), want == float("-inf"))
+    fin = want > float("-inf")
+    bound = indexer_scores_torch(q.abs(), weights.abs(), keys8.float().abs(), cbt, pos, **kw)[fin]
+    assert torch.all((got[fin] - want[fin]).abs() <= 1e-5 * bound + 1e-30)
+
+
 def test_topk_kernel_matches_twin_fp16() -> None:
     args, kw = _case(21, POSITIONS, torch.float16)
     got = indexer_topk(*args, **kw, topk=TOPK, impl="triton")
@@ -98,5 +132,7 @@ def test_launcher_rejects_bad_inputs() -> None:
         indexer_scores(q, weights.half(), keys, cbt, pos, **kw)
     with pytest.raises(ValueError, match="rate"):
         indexer_scores(q, weights, keys, cbt, pos, rate=3, block_size=BS)
+    with pytest.raises(ValueError, match="keys"):
+        indexer_scores(q, weights, keys.half(), cbt, pos, **kw)
 
 

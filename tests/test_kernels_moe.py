@@ -4,7 +4,8 @@ twin against MoE._routed, and an ahead-of-time compile for the four GPU targets.
 Kernels run in the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1) in fp32.
 Shapes are small (the interpreter runs programs one by one) but cross the tile sizes of the
 "interpret" configs: 16-row (decode) and 32-row (prefill) row tiles; gate/up K steps of 64 over
-H = 96 (the last step has a masked scale group); down column tiles of 64 over H = 96 (one partial).
+H = 96 (the last step has a masked scale group; the prefetch of the step past K is masked off);
+down column tiles of 64 over H = 96 (one partial).
 Partial gate/up column tiles and K steps of any length: the plain-weight test (H 80, I 40).
 """
 
@@ -14,7 +15,10 @@ import dataclasses
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from flashport.kernels.moe_gemm import _fp4_code, _fp4_planes, _fp4_scales
 from flashport.model.quant import dequant_fp4
 from flashport.ops.moe import clamped_swiglu, fused_moe, fused_moe_torch
 
@@ -62,19 +66,34 @@ def _close(got: torch.Tensor, ref: torch.Tensor, rel: float = 2e-5) -> None:
     torch.testing.assert_close(got, ref, rtol=rel, atol=rel * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("n", [1, 3, 37])
-def test_fp4_hash_routing_decode(n: int) -> None:
+@pytest.mark.parametrize("n,form", [(1, "decode"), (3, "decode"), (37, "decode"), (1, "prefill"), (37, "prefill")])
+def test_fp4_hash_routing(n: int, form: str) -> None:
+    # Experts with many rows, exactly one, none; repeated picks; odd token counts; both forms.
+    from flashport.kernels.moe import fused_moe_triton
+
     g = torch.Generator().manual_seed(100 + n)
     w13, s13, w2, s2 = _experts(g)
     x = torch.randn(n, H, generator=g)
     experts = _hash_routing(g, n, 3)
     weights = torch.rand(n, 3, generator=g)
-    got = fused_moe(x, weights, experts, w13, s13, w2, s2, LIMIT, impl="triton")
+    got = fused_moe_triton(x, weights, experts, w13, s13, w2, s2, LIMIT, form=form)
     ref = fused_moe(x, weights, experts, w13, s13, w2, s2, LIMIT, impl="torch")
     _close(got, ref)
     dense, gate_up_max = _dense(x, weights, experts, w13, s13, w2, s2)
     _close(got, dense)
     assert gate_up_max > LIMIT  # the clamps are exercised
+
+
+def test_fp4_auto_form_dispatch() -> None:
+    # fused_moe picks the decode form below the interpreter's threshold (64 tokens).
+    g = torch.Generator().manual_seed(41)
+    n = 2
+    w13, s13, w2, s2 = _experts(g)
+    x = torch.randn(n, H, generator=g)
+    experts = _hash_routing(g, n, 3)
+    weights = torch.rand(n, 3, generator=g)
+    got = fused_moe(x, weights, experts, w13, s13, w2, s2, LIMIT, impl="triton")
+    _close(got, fused_moe(x, weights, experts, w13, s13, w2, s2, LIMIT, impl="torch"))
 
 
 def test_fp4_topk_routing_prefill_form() -> None:
@@ -93,30 +112,114 @@ def test_fp4_topk_routing_prefill_form() -> None:
     _close(got, fused_moe_torch(x, weights, experts.long(), w13, s13, w2, s2, LIMIT))
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # silu(-big) = -0, as in torch
-@pytest.mark.parametrize("form,low", [("decode", 0), ("prefill", 16)])
-def test_fp4_extreme_scale_exponents(form: str, low: int) -> None:
-    # Per 32-column group of H: group 0 has scales 2^(low-127) .. 2^(low-124) against x scaled up
-    # to match, group 1 scales up to 2^125 (s = 252; 6 * 2^126 would overflow fp32) against x near
-    # 2^-100, group 2 ordinary, so every product is finite and normal in fp32. The decode form
-    # scales after the dot and is exact down to s = 0 (the subnormal 2^-127) while x * e2m1 * 2^-14
-    # stays normal; the prefill form scales the decoded weights, exact while they are normal (s >= 16).
+def _use_variant(monkeypatch, form: str, **over) -> None:
+    from flashport.kernels import moe_gemm
+
+    for table in (moe_gemm.GATE_UP_CONFIGS, moe_gemm.DOWN_CONFIGS):
+        monkeypatch.setitem(table["interpret"], form, {**table["interpret"][form], **over})
+
+
+@pytest.mark.parametrize("form,planes,prefetch,decode", [
+    ("decode", 8, False, "f32"), ("decode", 2, True, "f16"), ("decode", 1, False, "f32"),
+    ("prefill", 8, True, "f16"), ("prefill", 2, False, "f32"), ("prefill", 1, True, "f32")])
+def test_fp4_kernel_variants(form: str, planes: int, prefetch: bool, decode: str, monkeypatch) -> None:
+    # The sweep's constexpr variants (word planes, byte planes, interleaved; prefetched K steps or
+    # not; codes decoded through fp16 or fp32 bits), both kernels, with a top-k routing of distinct
+    # picks. The interpreter tables' own choices run in the tests above.
     from flashport.kernels.moe import fused_moe_triton
 
-    g = torch.Generator().manual_seed(11 + low)
+    _use_variant(monkeypatch, form, PLANES=planes, PREFETCH=prefetch, DECODE=decode)
+    g = torch.Generator().manual_seed(17 + planes + prefetch + len(decode))
+    n, k = 19, 2
+    w13, s13, w2, s2 = _experts(g)
+    x = torch.randn(n, H, generator=g)
+    experts = torch.topk(torch.randn(n, E, generator=g), k, dim=-1).indices
+    weights = torch.rand(n, k, generator=g)
+    got = fused_moe_triton(x, weights, experts, w13, s13, w2, s2, LIMIT, form=form)
+    _close(got, fused_moe_torch(x, weights, experts, w13, s13, w2, s2, LIMIT))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # silu(-big) = -0, as in torch
+@pytest.mark.parametrize("form,decode", [("decode", "f16"), ("prefill", "f16"), ("decode", "f32"), ("prefill", "f32")])
+def test_fp4_extreme_scale_exponents(form: str, decode: str, monkeypatch) -> None:
+    # The kernels apply 2^(s - 127) to the decoded weights exactly for every scale byte, as the
+    # twin's dequantization does. Per 32-column group of H (gate/up weights): group 0 has scale
+    # bytes 0 and 1 (weights down to the fp32 subnormal 2^-128) against x scaled up by 2^124,
+    # group 1 scale byte 254 (2^127; codes of magnitude <= 1.5, larger ones overflow in the twin
+    # too) against x near 2^-125, group 2 scale byte 127 (2^0) against plain x. Every product is
+    # finite and normal in fp32.
+    from flashport.kernels.moe import fused_moe_triton
+
+    _use_variant(monkeypatch, form, DECODE=decode)
+    g = torch.Generator().manual_seed(11 if form == "decode" else 12)
     n = 5
     w13, s13, w2, s2 = _experts(g)
-    pick = torch.randint(0, 4, (E, 2 * I), generator=g).to(torch.uint8)
-    s13[:, :, 0] = low + pick
-    s13[:, :, 1] = 249 + pick
+    s13[:, :, 0] = torch.randint(0, 2, (E, 2 * I), generator=g).to(torch.uint8)
+    s13[:, :, 1] = 254
+    s13[:, :, 2] = 127
+    w13[:, :, 16:32] &= 0xBB  # group 1: exponent bits <= 1 in both nibbles (|e2m1| <= 1.5)
     x = torch.randn(n, H, generator=g)
     sign = torch.where(x < 0, -1.0, 1.0)
-    x[:, :32] *= 2.0 ** (124 - low)
-    x[:, 32:64] = sign[:, 32:64] * (1 + x[:, 32:64].abs()) * 2.0**-100
+    x[:, :32] *= 2.0**124
+    x[:, 32:64] = sign[:, 32:64] * (1 + x[:, 32:64].abs()) * 2.0**-125
     experts = _hash_routing(g, n, 3)
     weights = torch.rand(n, 3, generator=g)
     got = fused_moe_triton(x, weights, experts, w13, s13, w2, s2, LIMIT, form=form)
-    _close(got, fused_moe_torch(x, weights, experts, w13, s13, w2, s2, LIMIT))
+    ref = fused_moe_torch(x, weights, experts, w13, s13, w2, s2, LIMIT)
+    _close(got, ref)
+    dense, _ = _dense(x, weights, experts, w13, s13, w2, s2)
+    _close(got, dense)
+
+
+_SCALE_BYTES = (0, 1, 2, 100, 127, 200, 240, 241, 253, 254)
+
+
+@triton.jit
+def _decode_probe(b_ptr, s_ptr, even_ptr, odd_ptr, words_ptr, BN: tl.constexpr, G: tl.constexpr,
+                  DECODE: tl.constexpr):
+    # Byte tiles [BN, G, 16] -> the two planes (_fp4_planes); the same bytes as int32 words
+    # [BN, G, 4] -> eight planes (_fp4_code at shifts 0, 4, ..., 28), written back in input order.
+    dt: tl.constexpr = even_ptr.dtype.element_ty
+    n = tl.arange(0, BN)
+    g = tl.arange(0, G)
+    b = tl.load(b_ptr + n[:, None, None] * (16 * G) + (16 * g)[None, :, None] + tl.arange(0, 16)[None, None, :])
+    s = tl.load(s_ptr + n[:, None, None] * G + g[None, :, None])
+    w_even, w_odd = _fp4_planes(b, s, dt, DECODE)
+    offs = n[:, None] * (16 * G) + tl.arange(0, 16 * G)[None, :]
+    tl.store(even_ptr + offs, w_even)
+    tl.store(odd_ptr + offs, w_odd)
+    w32 = b_ptr.to(tl.pointer_type(tl.int32))
+    words = tl.load(w32 + n[:, None, None] * (4 * G) + (4 * g)[None, :, None] + tl.arange(0, 4)[None, None, :])
+    lo, hi = _fp4_scales(s, dt, DECODE)
+    q = tl.arange(0, 4 * G)
+    for p in tl.static_range(8):
+        w = tl.reshape(_fp4_code(words, lo, hi, 4 * p, dt, DECODE), (BN, 4 * G))
+        tl.store(words_ptr + n[:, None] * (32 * G) + (8 * q + p)[None, :], w)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply")  # scale 2^127 x 6 = inf, as in the twin
+@pytest.mark.parametrize("dtype,decode", [(torch.float32, "f16"), (torch.float32, "f32"), (torch.float32, "bf16"),
+                                          (torch.bfloat16, "f16"), (torch.bfloat16, "f32")])
+def test_fp4_decode_bit_exact(dtype: torch.dtype, decode: str) -> None:
+    # Every byte value (both nibbles), scale bytes across the range (0: 2^-127, 254: 2^127, where
+    # the larger codes overflow to inf as in the twin): the decoded, scaled weights equal the twin's
+    # dequantization bit for bit, in every decode mode (bf16 products only for bf16 activations).
+    # bf16: scale bytes >= 2 only (every result normal): the interpreter's fp32 -> bf16 conversion
+    # mishandles subnormals (the GPU's does not). DECODE "bf16" with bf16 activations (bf16 bit
+    # casts and products) does not run in the interpreter: scripts/gpu/bench_moe.py checks it on
+    # the GPU against the table's config; for other dtypes it is the "f16" decode.
+    BN, G = 8, 2
+    packed = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(BN, 16 * G)
+    scales = _SCALE_BYTES if dtype == torch.float32 else tuple(b for b in _SCALE_BYTES if b >= 2)
+    for i in range(0, len(scales), 2):
+        scale = torch.tensor(scales * 3, dtype=torch.uint8)[i:i + BN * G].reshape(BN, G)
+        ref = dequant_fp4(packed, scale, dtype)  # [BN, 32 G]
+        even = torch.empty(BN, 16 * G, dtype=dtype)
+        odd = torch.empty_like(even)
+        words = torch.empty(BN, 32 * G, dtype=dtype)
+        _decode_probe[(1,)](packed, scale, even, odd, words, BN=BN, G=G, DECODE=decode)
+        assert torch.equal(even, ref[:, 0::2]) and torch.equal(odd, ref[:, 1::2])
+        assert torch.equal(words, ref)
 
 
 def test_fp4_fp16_rounding_flow() -> None:

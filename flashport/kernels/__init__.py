@@ -13,4 +13,5 @@ KERNEL_MODULES: tuple[str, ...] = (
     "flashport.kernels.moe",
     "flashport.kernels.attention_decode",
     "flashport.kernels.indexer",
+    "flashport.kernels.topk",
 )

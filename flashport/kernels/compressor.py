@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashport.kernels.fp8 import FP8_E4M3FN, FP8_E4M3FNUZ, FP8_NONE, f32_to_e4m3_bits, fp8_format
 from flashport.kernels.qkv_rope import DTYPES, round_to
 from flashport.kernels.spec import INTERPRET, TRITON_PTR, AotSpec, target_of
 
@@ -80,14 +81,14 @@ def _compressor_decode_kernel(
         kv_ptr, gate_ptr,  # [B, WIDTH] raw projections of the new tokens
         slot_ptr, pos_ptr, close_ptr, bnd_ptr,  # [B] int64
         pkv_ptr, pgate_ptr,  # [S, M-1, WIDTH] pending rows
-        entries_ptr,  # [R, D]
+        entries_ptr,  # [R, D] in the model dtype, or uint8 codes of an FP8 pool (ENTRY_FMT)
         ape_ptr, normw_ptr,  # [M, WIDTH] fp32, [D] fp32
         cos_ptr, sin_ptr,  # [B, ROPE/2] at each entry's first position
         okv_ptr, ogate_ptr, bkv_ptr, bgate_ptr,  # CSA: [S, M, D] overlap, [NC, M, D] boundary records
         eps,
         M: tl.constexpr, D: tl.constexpr, WIDTH: tl.constexpr, ROPE: tl.constexpr, OVERLAP: tl.constexpr,
-        NUM_SLOTS: tl.constexpr, SLOT_CHUNK: tl.constexpr, M_P2: tl.constexpr):
-    dt = entries_ptr.dtype.element_ty
+        NUM_SLOTS: tl.constexpr, SLOT_CHUNK: tl.constexpr, M_P2: tl.constexpr, ENTRY_FMT: tl.constexpr):
+    dt = kv_ptr.dtype.element_ty  # the model dtype: every rounding of the model happens in it
     b = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + b)
     pos = tl.load(pos_ptr + b)
@@ -144,7 +145,11 @@ def _compressor_decode_kernel(
         ss = tl.load(sin_ptr + cs, mask=rot, other=0.0).to(tl.float32)
         z0 = tl.where(rot, round_to(y0 * cc - y1 * ss, dt), y0)
         z1 = tl.where(rot, round_to(y1 * cc + y0 * ss, dt), y1)
-        tl.store(entries_ptr + row * D + f, tl.reshape(tl.join(z0, z1), (D,)).to(dt))
+        entry = tl.reshape(tl.join(z0, z1), (D,))
+        if ENTRY_FMT == 0:
+            tl.store(entries_ptr + row * D + f, entry.to(dt))
+        else:  # kv_cache_dtype="fp8": the entry rounded to the model dtype, then to E4M3
+            tl.store(entries_ptr + row * D + f, f32_to_e4m3_bits(entry, ENTRY_FMT))
         if OVERLAP:
             # This block's Ca rows and biased gates are the overlap of the next block.
             i = tl.arange(0, M_P2)[:, None]  # [M2, 1]
@@ -177,10 +182,11 @@ def _options(target: str) -> dict[str, int | bool]:
     return {k: v for k, v in CONFIGS[target].items() if k != "tile_elems"}
 
 
-def _constexprs(m: int, d: int, rope: int, overlap: bool, target: str) -> dict[str, int | bool]:
+def _constexprs(m: int, d: int, rope: int, overlap: bool, target: str, entry_fmt: int = FP8_NONE
+                ) -> dict[str, int | bool]:
     num_slots = 2 * m if overlap else m
     return dict(M=m, D=d, WIDTH=2 * d if overlap else d, ROPE=rope, OVERLAP=overlap, NUM_SLOTS=num_slots,
-                SLOT_CHUNK=_slot_chunk(d, num_slots, target), M_P2=triton.next_power_of_2(m))
+                SLOT_CHUNK=_slot_chunk(d, num_slots, target), M_P2=triton.next_power_of_2(m), ENTRY_FMT=entry_fmt)
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple[int | None, ...], dtype: torch.dtype, device: torch.device) -> None:
@@ -220,7 +226,8 @@ def compressor_decode(kv: torch.Tensor, gate: torch.Tensor, slots: torch.Tensor,
         _check(name, t, (B,), torch.int64, dev)
     _check("pend_kv", pend_kv, (None, m - 1, width), dt, dev)
     _check("pend_gate", pend_gate, (pend_kv.shape[0], m - 1, width), dt, dev)
-    _check("entries", entries, (None, d), dt, dev)
+    entry_fmt = fp8_format(entries.dtype)
+    _check("entries", entries, (None, d), entries.dtype if entry_fmt else dt, dev)
     _check("ape", ape, (m, width), torch.float32, dev)
     _check("norm_weight", norm_weight, (d,), torch.float32, dev)
     _check("cos", cos, (B, rope // 2), dt, dev)
@@ -237,27 +244,31 @@ def compressor_decode(kv: torch.Tensor, gate: torch.Tensor, slots: torch.Tensor,
         return
     target = target_of(kv)
     _compressor_decode_kernel[(B,)](
-        kv, gate, slots, positions, close_rows, boundary_blocks, pend_kv, pend_gate, entries, ape, norm_weight,
+        kv, gate, slots, positions, close_rows, boundary_blocks, pend_kv, pend_gate,
+        entries.view(torch.uint8) if entry_fmt else entries, ape, norm_weight,
         cos, sin, ov_kv, ov_gate, bnd_kv, bnd_gate, eps,
-        **_constexprs(m, d, rope, overlap is not None, target), **_options(target))
+        **_constexprs(m, d, rope, overlap is not None, target, entry_fmt), **_options(target))
 
 
-def _spec(name: str, dtype: torch.dtype, m: int, d: int, rope: int, overlap: bool) -> AotSpec:
+def _spec(name: str, dtype: torch.dtype, m: int, d: int, rope: int, overlap: bool, fp8: bool) -> AotSpec:
     p = TRITON_PTR[dtype]
     targets = [t for t in CONFIGS if t != INTERPRET]
     sig = dict(kv_ptr=p, gate_ptr=p, slot_ptr="*i64", pos_ptr="*i64", close_ptr="*i64", bnd_ptr="*i64",
-               pkv_ptr=p, pgate_ptr=p, entries_ptr=p, ape_ptr="*fp32", normw_ptr="*fp32", cos_ptr=p, sin_ptr=p,
-               okv_ptr=p, ogate_ptr="*fp32", bkv_ptr=p, bgate_ptr="*fp32", eps="fp32")
+               pkv_ptr=p, pgate_ptr=p, entries_ptr="*u8" if fp8 else p, ape_ptr="*fp32", normw_ptr="*fp32",
+               cos_ptr=p, sin_ptr=p, okv_ptr=p, ogate_ptr="*fp32", bkv_ptr=p, bgate_ptr="*fp32", eps="fp32")
     sig.update({k: "constexpr" for k in _constexprs(m, d, rope, overlap, INTERPRET)})
+    # An FP8 pool holds the target's flavour: e4m3fnuz on MI300X, e4m3fn elsewhere.
+    fmt = {t: (FP8_E4M3FNUZ if t == "gfx942" else FP8_E4M3FN) if fp8 else FP8_NONE for t in targets}
     return AotSpec(name=name, fn=_compressor_decode_kernel, signature=sig,
-                   constexprs={t: _constexprs(m, d, rope, overlap, t) for t in targets},
+                   constexprs={t: _constexprs(m, d, rope, overlap, t, fmt[t]) for t in targets},
                    options={t: _options(t) for t in targets})
 
 
 # What the model launches (V4-Flash): the CSA main compressor (d 512, m 4), the CSA indexer's
 # (d 128, m 4) and the HCA compressor (d 512, m 128), rope 64; bf16 serving, fp32 model on the GPU.
 AOT_SPECS: tuple[AotSpec, ...] = tuple(
-    _spec(f"compressor_decode[{kind},d={d},m={m},{str(dt).removeprefix('torch.')}]", dt, m, d, 64, kind != "hca")
-    for dt in (torch.bfloat16, torch.float32)
+    _spec(f"compressor_decode[{kind},d={d},m={m},{str(dt).removeprefix('torch.')}{',fp8 pool' if fp8 else ''}]",
+          dt, m, d, 64, kind != "hca", fp8)
+    for dt, fp8 in ((torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True))
     for kind, d, m in (("csa", 512, 4), ("indexer", 128, 4), ("hca", 512, 128))
 )

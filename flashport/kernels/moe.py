@@ -23,10 +23,12 @@ from flashport.kernels import moe_gemm
 from flashport.kernels.moe_gemm import moe_down, moe_gate_up
 from flashport.kernels.spec import TARGETS, AotSpec, target_of
 
-# N (tokens in the call) from which the prefill form runs. Below it an expert has few rows
-# (N * k / E on average: 24 at N = 1024 for V4-Flash) and the decode form's 16-row tiles waste
-# less of the matrix unit than 128-row ones. To be re-measured with scripts/gpu/bench_moe.py.
-PREFILL_MIN_TOKENS: dict[str, int] = {"sm_90": 1024, "sm_100": 1024, "gfx942": 1024, "gfx950": 1024,
+# N (tokens in the call) from which the prefill form runs. The prefill form's 128-row tiles pay one
+# dequantization of an expert's weights per 128 rows, the decode form's 16-row tiles one per 16 rows.
+# H200, 2026-11-29 (fused op): decode form 4.80 / 5.57 / 10.21 ms at N = 256 / 512 / 1024, prefill
+# form 6.17 / 6.20 / 6.28 ms (flat: below ~1K tokens every expert has one row tile); 640: the
+# crossover interpolated between 512 and 1024. Other targets: the sm_90 value (not measured there).
+PREFILL_MIN_TOKENS: dict[str, int] = {"sm_90": 640, "sm_100": 640, "gfx942": 640, "gfx950": 640,
                                       "interpret": 64}
 SUM_CONFIGS: dict[str, dict] = {
     **{t: dict(BLOCK_H=1024, num_warps=4) for t in TARGETS},

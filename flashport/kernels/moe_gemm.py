@@ -10,14 +10,24 @@ known from the shapes alone (no host sync) and programs past the last real tile 
 - gate/up: h[p] = silu(min(g, limit)) * clamp(u, +-limit), g / u = x[token(p)] @ w13[e, j / I+j]^T
 - down:    y[pair] = round(h[p] @ w2[e]^T) * weight[pair], written at the pair's own row [N * k, H]
 
-FP4 weights (uint8, low nibble = even column) are decoded in the kernel one 1x32 scale group at a
-time, with a few integer ops per value (the dequantization, not the bytes, is what limits an FP4
-GEMM): the nibble goes straight into fp16 bits, the group's scale multiplies either the [M, N]
-partial product (decode form: exact for every scale byte) or the decoded weights (prefill form:
-exact while the weights are normal, scale byte >= 16; real checkpoints sit near 127). The even and
-odd columns of a packed byte tile multiply the even and odd activation columns, so nothing is
-interleaved. Products run in the activation dtype with fp32 accumulation; results are rounded
-where transformers rounds (each projection output, silu, the SwiGLU product, the weighted output).
+FP4 weights (uint8, low nibble = even column) are streamed as [BLOCK_N, BLOCK_K / 2] byte tiles
+(long contiguous runs of each weight row) and decoded in the kernel, a whole tile per K step, into
+the activation dtype with their UE8M0 scales applied: the nibble goes straight into float bits (a
+few integer ops, no table; DECODE picks fp16 bits widened to fp32, fp32 bits, or bf16 bits with
+packed bf16 products), then two exact power-of-two products give e2m1 * 2^(s - 127), the very
+value the torch twin's dequantization rounds to the activation dtype (so the kernel is exact for
+every scale byte, wherever that value is representable). That decode, a dozen instructions per
+weight value, not the bytes, is what bounds these kernels.
+
+PLANES picks how the decoded codes meet the activations: 2, the even and odd nibble planes of a
+byte tile multiply strided even / odd activation columns (two dots per K step); 1, the planes are
+interleaved back into input order (one dot on contiguous activations); 8, the tile is loaded as
+32-bit words (a quarter of the registers of a byte tile) whose eight nibble planes multiply
+activation columns of stride 8; 0 (experimental, in no table), Triton's tl.dot_scaled. Products
+run in the activation dtype with fp32 accumulation; results are rounded where transformers rounds
+(each projection output, silu, the SwiGLU product, the weighted output). PREFETCH issues the next
+K step's weight loads before the current step's decode and dots (two tiles of bytes in flight per
+program); num_stages > 1 instead lets the compiler stream them through shared memory.
 """
 
 from __future__ import annotations
@@ -30,14 +40,26 @@ from flashport.kernels.spec import TARGETS, AotSpec, target_of
 
 FP4_GROUP = 32  # values per UE8M0 scale
 
-# BLOCK_K input columns (BLOCK_K / 32 scale groups) per K step: decode reads 64 bytes per weight row
-# per step. These sizes compile without spills for sm_90 (ptxas -v: 122 / 158 registers decode,
-# 228 / 255 prefill) and gfx942.
-_GU_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, SCALE_AFTER_DOT=True, num_warps=4, num_stages=4)
-_GU_PREFILL = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SCALE_AFTER_DOT=False, num_warps=8, num_stages=3)
-_DOWN_DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SCALE_AFTER_DOT=True, num_warps=4, num_stages=4)
-_DOWN_PREFILL = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SCALE_AFTER_DOT=False, num_warps=8,
-                     num_stages=3)
+# BLOCK_K input columns (BLOCK_K / 2 bytes, BLOCK_K / 32 scale groups of each weight row) per K step.
+# sm_90 entries: the best of scripts/gpu/bench_moe.py --sweep / --short-sweep on an H200 (2026-11-29;
+# gate/up and down timed alone at N = 1, 8, 64, 256 and 8192; see gpu_results/moe.summary.md).
+# Decode (few rows per expert): BLOCK_M 16, narrow column tiles; gate/up streams its byte tiles
+# through num_stages shared-memory buffers (interleaved planes, one dot per step; BLOCK_K 128 over
+# 256: 5-7% faster at N = 8..256, 8% slower at N = 1), down its 32-bit word tiles (eight planes).
+# Prefill: 128-row tiles, one dot per K step, GROUP_M row tiles sweeping the columns together (L2
+# reuse); gate/up with one warp group (its two accumulators), down with two. DECODE "f16": the
+# "bf16" decode measured the same or up to 7% faster, bit-identical, but cannot be checked by the
+# CPU tests (the interpreter's bf16 bit casts are wrong). sm_100: the sm_90 entries (not measured).
+_GU_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, PLANES=1, PREFETCH=False, DECODE="f16",
+                  num_warps=4, num_stages=4)
+_GU_PREFILL = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, PLANES=1, PREFETCH=False, DECODE="f16",
+                   num_warps=4, num_stages=3)
+_DOWN_DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, PLANES=8, PREFETCH=False, DECODE="f16",
+                    num_warps=4, num_stages=1)
+_DOWN_PREFILL = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, PLANES=1, PREFETCH=False, DECODE="f16",
+                     num_warps=8, num_stages=3)
+# AMD entries: the NVIDIA tiles with AMD launch options (not measured on an AMD device); DECODE
+# stays "f16" there (the other decodes rely on subnormal inputs, which AMD code may flush).
 _AMD = dict(num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, kpack=1)
 
 
@@ -48,18 +70,17 @@ def _table(decode: dict, prefill: dict, interpret: dict) -> dict[str, dict[str, 
 
 
 # The interpreter runs programs one by one: few, wide tiles keep the tests fast.
-_GU_INTERPRET = {"decode": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, SCALE_AFTER_DOT=True, num_warps=4,
-                                num_stages=1),
-                 "prefill": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SCALE_AFTER_DOT=False, num_warps=4,
-                                 num_stages=1)}
+_GU_INTERPRET = {"decode": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, PLANES=8, PREFETCH=True,
+                                DECODE="f16", num_warps=4, num_stages=1),
+                 "prefill": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, PLANES=1, PREFETCH=False,
+                                 DECODE="f16", num_warps=4, num_stages=1)}
 _DOWN_INTERPRET = {form: {**c, "BLOCK_N": 64, "BLOCK_K": 32} for form, c in _GU_INTERPRET.items()}
-# Config per target and form, one table per kernel. Decode: few rows per expert, memory-bound:
-# BLOCK_M 16 and narrow column tiles, so that enough programs stream the FP4 weights. Prefill:
-# compute-bound 128-row tiles; GROUP_M row tiles sweep the columns together (L2 reuse).
+# Config per target and form, one table per kernel (sm_90: see scripts/gpu/bench_moe.py --sweep).
 GATE_UP_CONFIGS: dict[str, dict[str, dict]] = _table(_GU_DECODE, _GU_PREFILL, _GU_INTERPRET)
 DOWN_CONFIGS: dict[str, dict[str, dict]] = _table(_DOWN_DECODE, _DOWN_PREFILL, _DOWN_INTERPRET)
 FORMS = ("decode", "prefill")
-_META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SCALE_AFTER_DOT")  # constexprs; the rest: launch options
+# constexprs; the rest: launch options
+_META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PLANES", "PREFETCH", "DECODE")
 
 
 @triton.jit
@@ -119,36 +140,177 @@ def _load_w(w_ptr, n, n_ok, stride_wn, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _fp4_group_mma(acc, x_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, kg, K,
-                   SCALE_AFTER_DOT: tl.constexpr):
-    # acc += x[:, kg:kg+32] @ W[n, kg:kg+32]^T * 2^-14 for one 1x32 scale group (kg % 32 == 0).
-    # Packed byte kg/2 + i holds input columns kg + 2i (low nibble) and kg + 2i + 1 (high nibble):
-    # the even and odd activation columns multiply the two nibble planes, so nothing interleaves.
-    j = kg // 2 + tl.arange(0, 16)
-    b = tl.load(w_ptr + n[None, :] * stride_wn + j[:, None], mask=(j < K // 2)[:, None] & n_ok[None, :],
-                other=0).to(tl.int32)  # [16, BLOCK_N]
-    # E2M1 code c -> fp16 bits (c & 7) << 9 | (c & 8) << 12: exponent and mantissa land in fp16's
-    # low exponent bits, so the value is e2m1(c) * 2^-14 for every code (code 1 is the subnormal
-    # 2^-15) with no table and no branch. The kernels multiply the 2^14 back in their epilogue.
-    v_even = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
-    v_odd = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
-    s = tl.load(s_ptr + n * stride_sn + kg // 32, mask=n_ok & (kg < K), other=127).to(tl.int32)  # [BLOCK_N]
-    # UE8M0 -> 2^(s - 127) from the fp32 bits, exact over the whole range (s = 0: the subnormal 2^-127).
-    scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)
-    a_even = _load_a(x_rows, row_ok, kg, K, 16, 2)  # [BLOCK_M, 16]
-    a_odd = _load_a(x_rows + 1, row_ok, kg, K, 16, 2)
-    if SCALE_AFTER_DOT:
-        # Few rows (decode): scaling the [BLOCK_M, BLOCK_N] partial is cheaper than the weights,
-        # and exact for every scale.
-        part = _mma(tl.zeros(acc.shape, dtype=tl.float32), a_even, v_even)
-        return acc + _mma(part, a_odd, v_odd) * scale[None, :]
-    else:
-        # Many rows (prefill): scale the weights; exact while weights stay normal (s >= 16).
-        acc = _mma(acc, a_even, v_even.to(tl.float32) * scale[None, :])
-        return _mma(acc, a_odd, v_odd.to(tl.float32) * scale[None, :])
+def _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K: tl.constexpr):
+    # FP4 tile of output rows n [BLOCK_N] at input columns k0 .. k0 + BLOCK_K (k0 % 32 == 0):
+    # bytes [BLOCK_N, G, 16] (BLOCK_K / 2 contiguous bytes of each row; G = BLOCK_K / 32 scale
+    # groups) and their scale bytes [BLOCK_N, G, 1]. Groups past K load as code 0 (the value 0).
+    G: tl.constexpr = BLOCK_K // 32
+    g = k0 // 32 + tl.arange(0, G)  # [G] scale group of each 16-byte run
+    ok = n_ok[:, None, None] & (g < K // 32)[None, :, None]
+    n3 = n[:, None, None] * stride_wn
+    b = tl.load(w_ptr + n3 + (16 * g)[None, :, None] + tl.arange(0, 16)[None, None, :], mask=ok, other=0)
+    s = tl.load(s_ptr + n[:, None, None] * stride_sn + g[None, :, None], mask=ok, other=127)
+    return b, s
 
 
 @triton.jit
+def _fp4_code(c, lo, hi, SHIFT: tl.constexpr, dt: tl.constexpr, DECODE: tl.constexpr):
+    # The E2M1 code in bits SHIFT .. SHIFT + 3 of the int32 c, times 2^(s - 127), exactly, in dt;
+    # lo / hi: the scale factors of _fp4_scales for the code's group.
+    if DECODE == "bf16" and dt == tl.bfloat16:
+        # Code -> bf16 bits (c & 7) << 6 | (c & 8) << 12: e2m1(c) * 2^-126 (code 1: the bf16
+        # subnormal 2^-127), then two bf16 products by powers of two (packed two to an
+        # instruction): 2^126, then the scale.
+        x = c >> SHIFT
+        v = (((x & 0x7) << 6) | ((x & 0x8) << 12)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return v * lo * hi
+    elif DECODE == "f32":
+        # Code -> fp32 bits (c & 7) << 22 | (c & 8) << 28: e2m1(c) * 2^-126 (code 1: the subnormal
+        # 2^-127); two products by powers of two (no flush to zero) give e2m1 * 2^(s - 127).
+        if SHIFT <= 22:
+            mag = (c << (22 - SHIFT)) & 0x01C00000
+        else:
+            mag = (c >> (SHIFT - 22)) & 0x01C00000
+        sign = (c << (28 - SHIFT)) & -0x80000000
+        return ((mag | sign).to(tl.float32, bitcast=True) * lo * hi).to(dt)
+    else:
+        # "f16" (and "bf16" for other activation dtypes): code -> fp16 bits (c & 7) << 9 |
+        # (c & 8) << 12: e2m1(c) * 2^-14 (code 1: the fp16 subnormal 2^-15), widened to fp32,
+        # then the two scale products.
+        x = c >> SHIFT
+        v = (((x & 0x7) << 9) | ((x & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return (v * lo * hi).to(dt)
+
+
+@triton.jit
+def _fp4_scales(s, dt: tl.constexpr, DECODE: tl.constexpr):
+    # UE8M0 bytes -> the (lo, hi) factors _fp4_code applies to a decoded code, each product exact.
+    s = s.to(tl.int32)
+    if DECODE == "bf16" and dt == tl.bfloat16:
+        # 2^126 (bf16 bits 253 << 7), then 2^(s - 127) (s = 0: the subnormal 2^-127), in bf16.
+        lo = tl.full(s.shape, 253 << 7, tl.int16).to(tl.bfloat16, bitcast=True)
+        return lo, tl.where(s == 0, 0x40, s << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif DECODE == "f32":
+        # 2^126, then 2^(s - 127) (s = 0: the subnormal 2^-127).
+        return tl.full(s.shape, 2.0**126, tl.float32), tl.where(s == 0, 0x400000, s << 23).to(tl.float32,
+                                                                                                bitcast=True)
+    else:
+        # 2^(min(s, 240) - 113) (fp32 exponent field min(s, 240) + 14) then 2^(max(s, 240) - 240);
+        # s = 0 gives the fp32 subnormals e2m1 * 2^-127, as the twin does.
+        return (((tl.minimum(s, 240) + 14) << 23).to(tl.float32, bitcast=True),
+                ((tl.maximum(s, 240) - 113) << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _fp4_planes(b, s, dt: tl.constexpr, DECODE: tl.constexpr):
+    # bytes [BN, G, 16] + scales [BN, G, 1] -> even / odd input columns [BN, G * 16] in dt, scaled.
+    BN: tl.constexpr = b.shape[0]
+    HALF: tl.constexpr = b.shape[1] * b.shape[2]
+    b = b.to(tl.int32)
+    lo, hi = _fp4_scales(s, dt, DECODE)
+    w_even = tl.reshape(_fp4_code(b, lo, hi, 0, dt, DECODE), (BN, HALF))
+    w_odd = tl.reshape(_fp4_code(b, lo, hi, 4, dt, DECODE), (BN, HALF))
+    return w_even, w_odd
+
+
+@triton.jit
+def _fp4_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K: tl.constexpr, PLANES: tl.constexpr,
+             DECODE: tl.constexpr):
+    # acc [BM, BN] += a[:, k0:k0 + BLOCK_K] @ W[n, k0:k0 + BLOCK_K]^T for the FP4 tile (b, s).
+    dt: tl.constexpr = a_rows.dtype.element_ty
+    BN: tl.constexpr = b.shape[0]
+    w_even, w_odd = _fp4_planes(b, s, dt, DECODE)  # [BN, BLOCK_K / 2] each
+    if PLANES == 1:
+        # Back to input order: [BN, BLOCK_K / 2, 2] -> [BN, BLOCK_K], one dot on contiguous columns.
+        w = tl.reshape(tl.join(w_even, w_odd), (BN, BLOCK_K))
+        return _mma(acc, _load_a(a_rows, row_ok, k0, K, BLOCK_K, 1), tl.trans(w))
+    else:
+        # The packed byte j holds input columns k0 + 2j (low nibble) and k0 + 2j + 1 (high):
+        # the planes multiply the even and the odd activation columns.
+        acc = _mma(acc, _load_a(a_rows, row_ok, k0, K, BLOCK_K // 2, 2), tl.trans(w_even))
+        return _mma(acc, _load_a(a_rows + 1, row_ok, k0, K, BLOCK_K // 2, 2), tl.trans(w_odd))
+
+
+@triton.jit
+def _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K: tl.constexpr):
+    # As _fp4_load, in 32-bit words (8 codes each, a quarter of the registers of bytes):
+    # words [BLOCK_N, G, 4] of input columns k0 .. k0 + BLOCK_K and scales [BLOCK_N, G, 1].
+    G: tl.constexpr = BLOCK_K // 32
+    g = k0 // 32 + tl.arange(0, G)
+    ok = n_ok[:, None, None] & (g < K // 32)[None, :, None]
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    n3 = n[:, None, None] * tl.multiple_of(stride_wn // 4, 4)  # K / 2 bytes a row, K % 32 == 0
+    b = tl.load(w32 + n3 + (4 * g)[None, :, None] + tl.arange(0, 4)[None, None, :], mask=ok, other=0)
+    s = tl.load(s_ptr + n[:, None, None] * stride_sn + g[None, :, None], mask=ok, other=127)
+    return b, s
+
+
+@triton.jit
+def _fp4_words_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K: tl.constexpr, DECODE: tl.constexpr):
+    # acc += a[:, k0:k0 + BLOCK_K] @ W^T for the word tile (b, s): nibble p of word j holds input
+    # column k0 + 8j + p, so 8 planes of BLOCK_K / 8 columns each meet activation columns of stride 8.
+    dt: tl.constexpr = a_rows.dtype.element_ty
+    BN: tl.constexpr = b.shape[0]
+    Q: tl.constexpr = b.shape[1] * b.shape[2]
+    lo, hi = _fp4_scales(s, dt, DECODE)
+    for p in tl.static_range(8):
+        w = tl.reshape(_fp4_code(b, lo, hi, 4 * p, dt, DECODE), (BN, Q))
+        acc = _mma(acc, _load_a(a_rows + p, row_ok, k0, K, Q, 8), tl.trans(w))
+    return acc
+
+
+@triton.jit
+def _fp4_dot_scaled(acc, a_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K,
+                    BLOCK_K: tl.constexpr):
+    # Experimental (PLANES == 0; in no table, the sweep times it): Triton's own microscaled dot,
+    # native FP4 MMA where the target has one, an upcast to bf16 elsewhere. bf16 activations only,
+    # not in the interpreter, and not exact at extreme scales (Triton maps the scale byte 0 to 0,
+    # and its bf16 products may flush subnormals).
+    j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    b = tl.load(w_ptr + n[None, :] * stride_wn + j[:, None], mask=(j < K // 2)[:, None] & n_ok[None, :],
+                other=0)  # [BLOCK_K / 2, BN]
+    g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    s = tl.load(s_ptr + n[:, None] * stride_sn + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :],
+                other=127)  # [BN, BLOCK_K / 32]
+    return tl.dot_scaled(_load_a(a_rows, row_ok, k0, K, BLOCK_K, 1), None, "bf16", b, s, "e2m1", acc)
+
+
+@triton.jit
+def _fp4_gemm(acc, a_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, K,
+              BLOCK_K: tl.constexpr, PLANES: tl.constexpr, PREFETCH: tl.constexpr, DECODE: tl.constexpr):
+    # acc [BM, BN] += a[rows, :K] @ W[n, :K]^T over every K step (FP4 W, K % 32 == 0).
+    # PLANES: 1 or 2 (byte tiles, see _fp4_mma), 8 (32-bit word tiles, see _fp4_words_mma), 0
+    # (experimental: tl.dot_scaled, see _fp4_dot_scaled).
+    if PLANES == 0:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _fp4_dot_scaled(acc, a_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K)
+    elif PLANES == 8:
+        if PREFETCH:
+            b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                b_next, s_next = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0 + BLOCK_K, K,
+                                                 BLOCK_K)
+                acc = _fp4_words_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K, DECODE)
+                b, s = b_next, s_next
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K)
+                acc = _fp4_words_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K, DECODE)
+    elif PREFETCH:
+        b, s = _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            # Issue the next step's loads (all masked off past K) before this step's work.
+            b_next, s_next = _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0 + BLOCK_K, K, BLOCK_K)
+            acc = _fp4_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K, PLANES, DECODE)
+            b, s = b_next, s_next
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            b, s = _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K)
+            acc = _fp4_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K, PLANES, DECODE)
+    return acc
+
+
+@triton.jit(do_not_specialize=["max_tiles"])
 def _moe_gate_up_kernel(
     x_ptr,  # [N, H] activations
     order_ptr,  # [M] int64: pair (token * k + pick) at each sorted position
@@ -159,7 +321,7 @@ def _moe_gate_up_kernel(
     num_experts, H, I, top_k, max_tiles, limit,
     stride_we, stride_wn, stride_se, stride_sn,
     W_FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr, PLANES: tl.constexpr, PREFETCH: tl.constexpr, DECODE: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K % 32 == 0)  # whole 1x32 scale groups per K step
     pid_m, pid_n = _tile_ids(max_tiles, I, BLOCK_N, GROUP_M)
@@ -177,15 +339,10 @@ def _moe_gate_up_kernel(
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if W_FP4:
-        for k0 in range(0, H, BLOCK_K):
-            for g in tl.static_range(BLOCK_K // 32):
-                kg = k0 + 32 * g
-                acc_g = _fp4_group_mma(acc_g, x_rows, row_ok, w_e, s_e, cols, col_ok, stride_wn, stride_sn, kg, H,
-                                       SCALE_AFTER_DOT)
-                acc_u = _fp4_group_mma(acc_u, x_rows, row_ok, w_e, s_e, cols + I, col_ok, stride_wn, stride_sn,
-                                       kg, H, SCALE_AFTER_DOT)
-        acc_g = acc_g * 16384.0  # the 2^14 of the fp16 decode (exact)
-        acc_u = acc_u * 16384.0
+        acc_g = _fp4_gemm(acc_g, x_rows, row_ok, w_e, s_e, cols, col_ok, stride_wn, stride_sn, H, BLOCK_K,
+                          PLANES, PREFETCH, DECODE)
+        acc_u = _fp4_gemm(acc_u, x_rows, row_ok, w_e, s_e, cols + I, col_ok, stride_wn, stride_sn, H, BLOCK_K,
+                          PLANES, PREFETCH, DECODE)
     else:
         for k0 in range(0, H, BLOCK_K):
             a = _load_a(x_rows, row_ok, k0, H, BLOCK_K, 1)
@@ -201,7 +358,7 @@ def _moe_gate_up_kernel(
     tl.store(h_ptrs, h.to(dt), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_tiles"])
 def _moe_down_kernel(
     h_ptr,  # [M, I] sorted order
     order_ptr,  # [M] int64
@@ -213,7 +370,7 @@ def _moe_down_kernel(
     num_experts, H, I, max_tiles,
     stride_we, stride_wn, stride_se, stride_sn,
     W_FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr, PLANES: tl.constexpr, PREFETCH: tl.constexpr, DECODE: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K % 32 == 0)
     pid_m, pid_n = _tile_ids(max_tiles, H, BLOCK_N, GROUP_M)
@@ -230,11 +387,8 @@ def _moe_down_kernel(
     s_e = s_ptr + expert.to(tl.int64) * stride_se
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if W_FP4:
-        for k0 in range(0, I, BLOCK_K):
-            for g in tl.static_range(BLOCK_K // 32):
-                acc = _fp4_group_mma(acc, h_rows, row_ok, w_e, s_e, cols, col_ok, stride_wn, stride_sn,
-                                     k0 + 32 * g, I, SCALE_AFTER_DOT)
-        acc = acc * 16384.0  # the 2^14 of the fp16 decode (exact)
+        acc = _fp4_gemm(acc, h_rows, row_ok, w_e, s_e, cols, col_ok, stride_wn, stride_sn, I, BLOCK_K, PLANES,
+                        PREFETCH, DECODE)
     else:
         for k0 in range(0, I, BLOCK_K):
             acc = _mma(acc, _load_a(h_rows, row_ok, k0, I, BLOCK_K, 1), _load_w(w_e, cols, col_ok, stride_wn, k0, I,

@@ -4,17 +4,16 @@ The twin gathers each sequence's keys (window tail + compressed entries) from th
 the block tables into a padded batch with a mask, then follows the dtype flow of the model's
 `Attention._core` for one query row (QK^T and the scale in the model dtype, the fp32 sink column,
 softmax in fp32, probabilities rounded to the model dtype for PV) and its inverse rope
-(`apply_rope(o, cos, -sin)`). Arguments as `flashport.kernels.attention_decode.sparse_decode_attention`.
+(`apply_rope(o, cos, -sin)`). The entry pool may be fp8 (float8_e4m3fn / float8_e4m3fnuz, no scale):
+its rows are cast to q's dtype. Arguments as `flashport.kernels.attention_decode.sparse_decode_attention`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from flashport.ops import use_triton
-
 from flashport.model.layers import apply_rope
-
+from flashport.ops import use_triton
 
 
 def _pool_rows(table: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, per_block: int
@@ -48,7 +47,7 @@ def sparse_decode_attention_torch(q: torch.Tensor, window: torch.Tensor, window_
             ids = torch.arange(comp_block_table.shape[1] * per_block, device=dev).expand(Bt, -1)
             ok = ids < num_entries.long().unsqueeze(1)
         crow, ok = _pool_rows(comp_block_table, ids, ok, per_block)
-        keys = torch.cat([keys, entries[crow]], dim=1)  # [Bt, W + K, D]
+        keys = torch.cat([keys, entries[crow].to(q.dtype)], dim=1)  # [Bt, W + K, D]; fp8 entries: no scale
         allowed = torch.cat([allowed, ok], dim=1)
     scale = D ** -0.5 if scale is None else scale
     bias = torch.zeros(allowed.shape, dtype=q.dtype, device=dev).masked_fill(~allowed, float("-inf"))
@@ -66,8 +65,8 @@ def sparse_decode_attention(q: torch.Tensor, window: torch.Tensor, window_block_
                             comp_block_table: torch.Tensor | None = None, entry_ids: torch.Tensor | None = None,
                             num_entries: torch.Tensor | None = None, rate: int = 0, scale: float | None = None,
                             impl: str = "auto") -> torch.Tensor:
-    """One decode token per sequence: q [Bt, H, D] -> [Bt, H, D] (window + CSA/HCA entries, sinks,
-    inverse rope). The current token's K=V row must already be in the window pool."""
+    """One query row per decode token or prefill token: q [Bt, H, D] -> [Bt, H, D] (window + CSA/HCA
+    entries, sinks, inverse rope). The current token's K=V row must already be in the window pool."""
     kw = dict(window_size=window_size, block_size=block_size, entries=entries, comp_block_table=comp_block_table,
               entry_ids=entry_ids, num_entries=num_entries, rate=rate, scale=scale)
     if use_triton(q, impl):

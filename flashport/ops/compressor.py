@@ -23,6 +23,7 @@ import torch
 from flashport.ops import use_triton
 
 from flashport.model.layers import apply_rope
+from flashport.model.quant import to_fp8_storage
 from flashport.ops.qkv_rope import rms_norm
 
 Overlap = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -60,7 +61,7 @@ def compressor_decode_ref(kv: torch.Tensor, gate: torch.Tensor, slots: torch.Ten
         bnd_gate[boundary_blocks[c][rec]] = new_gate[rec]
     pooled = (slot_kv * slot_gate.softmax(dim=1, dtype=torch.float32).to(slot_kv.dtype)).sum(dim=1)  # [n, d]
     out = apply_rope(rms_norm(pooled, norm_weight, eps).unsqueeze(1), cos[c], sin[c]).squeeze(1)
-    entries[close_rows[c]] = out
+    entries[close_rows[c]] = out if entries.dtype == out.dtype else to_fp8_storage(out, entries.dtype)
 
 
 def compressor_decode(kv: torch.Tensor, gate: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
@@ -69,7 +70,7 @@ def compressor_decode(kv: torch.Tensor, gate: torch.Tensor, slots: torch.Tensor,
                       eps: float, cos: torch.Tensor, sin: torch.Tensor, overlap: Overlap | None = None,
                       impl: str = "auto") -> None:
     """kv, gate [B, width]; slots, positions, close_rows, boundary_blocks [B] int64; pend_kv, pend_gate
-    [S, m-1, width]; entries [R, d]; ape [m, width] fp32; norm_weight [d] fp32; cos, sin [B, rope/2] at
+    [S, m-1, width]; entries [R, d] (model dtype, or FP8 for kv_cache_dtype="fp8"); ape [m, width] fp32; norm_weight [d] fp32; cos, sin [B, rope/2] at
     p+1-m. Updates the pools in place (see the module docstring)."""
     args = (kv, gate, slots, positions, close_rows, boundary_blocks, pend_kv, pend_gate, entries, ape, norm_weight,
             eps, cos, sin, overlap)

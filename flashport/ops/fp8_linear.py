@@ -50,7 +50,7 @@ def _kernel_path(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
     M = x3.shape[0]
     if M > cfg.dequant_above_m:
         return False
-    return k.supports(weight, scale, "decode" if M <= cfg.decode_max_m else "prefill")
+    return k.supports(weight, scale, "decode" if M <= cfg.decode_max_m else "prefill", M)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, impl: str = "auto",

@@ -2,9 +2,11 @@
 
 The torch twin gathers each sequence's indexer keys through the comp block table and scores them
 as the model's `Indexer.select` does for one token (q . k in fp32, ReLU, x Di^-0.5, x the fp32 head
-weights, sum over heads); entries not yet closed get -inf. Both paths then run the same
-`torch.topk` on the same [Bt, max_entries] score layout, so ties break alike. Arguments as
-`flashport.kernels.indexer.indexer_scores`.
+weights, sum over heads); entries not yet closed get -inf; then `topk_ids` (torch.topk). The Triton
+path runs the score kernel, then the top-k kernel (`flashport.kernels.topk`): the same id set
+whenever the k-th largest score is not tied (ties: lowest index first), ids in ascending order
+rather than by score (attention does not depend on the order). Keys may be FP8 (e4m3fn / e4m3fnuz,
+no scale). Arguments as `flashport.kernels.indexer.indexer_scores`.
 """
 
 from __future__ import annotations
@@ -51,8 +53,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, com
     kw = dict(rate=rate, block_size=block_size, max_entries=max_entries)
     if use_triton(q, impl):
         from flashport.kernels.indexer import indexer_scores
+        from flashport.kernels.topk import topk_ids_triton
 
-        scores = indexer_scores(q, weights, keys, comp_block_table, positions, **kw)
-    else:
-        scores = indexer_scores_torch(q, weights, keys, comp_block_table, positions, **kw)
-    return topk_ids(scores, topk)
+        return topk_ids_triton(indexer_scores(q, weights, keys, comp_block_table, positions, **kw), topk)
+    return topk_ids(indexer_scores_torch(q, weights, keys, comp_block_table, positions, **kw), topk)
