@@ -70,6 +70,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         cache_bytes=args.cache_bytes,
         ops_impl=args.ops_impl,
+        expert_parallel_size=args.expert_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype,
+        enforce_eager=args.enforce_eager,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -126,11 +129,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dequantize=args.dequantize, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, cache_bytes=args.cache_bytes,
-        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, progress=False, ops_impl=args.ops_impl)
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, progress=False, ops_impl=args.ops_impl,
+        kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager)
+    engine_args["expert_parallel_size"] = args.expert_parallel_size
+    if args.expert_parallel_size > 1:
+        from flashport.distributed.launch import is_torchrun_worker, run_torchrun_worker
+
+        if is_torchrun_worker():  # torchrun rank > 0: no server, it follows rank 0
+            run_torchrun_worker(model, engine_args)
     return run_server(model, host=args.host, port=args.port, api_key=api_key,
                       served_model_name=args.served_model_name, max_waiting=args.max_waiting,
                       max_request_bytes=args.max_request_bytes, shutdown_grace=args.shutdown_grace,
                       log_level=args.log_level, access_log=args.access_log, engine_args=engine_args)
+
+
+KV_CACHE_DTYPE_HELP = ("compressed entries and indexer keys: auto = the model dtype (default), fp8 = E4M3 "
+                       "(e4m3fnuz on MI300X), half the bytes; window rows stay in the model dtype")
+
+
+ENFORCE_EAGER_HELP = "run decode steps eagerly (no CUDA/HIP graph capture and replay)"
+
+
+EXPERT_PARALLEL_HELP = ("split the routed experts over N GPUs of this host, one process each (rank 0 serves; "
+                        "several hosts: start every rank with torchrun, see docs/expert_parallel.md); default 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="state pool budget in bytes (the CPU budget; on a GPU it overrides the fraction)")
     gen.add_argument("--ops-impl", choices=["auto", "reference", "torch", "triton"], default="auto",
                      help="how the model computes: auto (Triton kernels on a GPU, torch twins on a CPU; default), reference (plain torch), torch, triton")
+    gen.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help=KV_CACHE_DTYPE_HELP)
+    gen.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
+    gen.add_argument("--expert-parallel-size", type=int, default=1, metavar="N", help=EXPERT_PARALLEL_HELP)
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -216,7 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--seed", type=int, default=0, help="engine seed (for requests without a seed)")
     srv.add_argument("--ops-impl", choices=["auto", "reference", "torch", "triton"], default="auto",
                      help="how the model computes: auto (Triton kernels on a GPU, torch twins on a CPU; default), reference (plain torch), torch, triton")
+    srv.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help=KV_CACHE_DTYPE_HELP)
+    srv.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
+    srv.add_argument("--expert-parallel-size", type=int, default=1, metavar="N", help=EXPERT_PARALLEL_HELP)
     srv.set_defaults(func=_cmd_serve)
+
+    from flashport.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

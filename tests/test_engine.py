@@ -122,3 +122,11 @@ def test_abort_in_the_middle_frees_everything(hf_dir):
     assert not engine.has_unfinished() and not engine.scheduler.has_unfinished()
     assert _all_free(engine)
     assert engine.step() == []
+
+
+def test_sliding_window_only_model_plans_its_pools(tiny_model_dir):
+    # The first layer of the tiny model is SWA: no compressed state at all (zero-byte comp blocks).
+    engine = _engine(tiny_model_dir, num_layers=1, cache_bytes=1 << 24)
+    assert set(engine.model.cfg.layer_types) == {"swa"}
+    assert engine.capacity.max_seqs_at_max_len >= 1
+    assert len(_run(engine, [[5, 6, 7]])[0]) == GREEDY.max_tokens

@@ -13,17 +13,20 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from flashport.engine.config import SchedulerConfig
+from flashport.engine.graphs import DecodeGraphs, graphs_supported, profile_decode_bytes
 from flashport.engine.memory import CapacityReport, plan_cache
+from flashport.engine.plan import SchedulerOutput, StepResult
 from flashport.engine.pools import StatePools, check_block_size, default_block_size
 from flashport.engine.request import Request, RequestStatus
 from flashport.engine.runner import ModelRunner, SeqSampling
 from flashport.engine.scheduler import Scheduler
 from flashport.errors import FlashportError, RequestError
+from flashport.model.layers import REFERENCE
 from flashport.model.loader import load_model
 from flashport.platform import detect_platform
 from flashport.sampling_params import CompletionOutput, Logprobs, RequestOutput, SamplingParams
@@ -69,9 +72,21 @@ class Engine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, block_size: int | None = None,
                  gpu_memory_utilization: float = 0.9, cache_bytes: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, progress: bool = True,
-                 ops_impl: str = "auto", log: Callable[[str], None] | None = print) -> None:
+                 ops_impl: str = "auto", kv_cache_dtype: str = "auto", enforce_eager: bool = False,
+                 log: Callable[[str], None] | None = print, expert_parallel_size: int = 1,
+                 parallel: Any = None) -> None:
+        # Expert parallelism (flashport.distributed): the routed experts split over N ranks, one per
+        # GPU. Rank 0 (this process) starts ranks 1..N-1 with these same arguments (`parallel` is
+        # their joined group); they run every step rank 0 schedules.
+        engine_args = {k: v for k, v in locals().items() if k not in ("self", "log", "progress", "parallel")}
         self.platform = detect_platform(None if device == "auto" else device)
         self.device = torch.device("cpu" if self.platform.backend == "cpu" else "cuda")
+        self.parallel = parallel
+        if parallel is None and expert_parallel_size != 1:
+            from flashport.distributed.launch import start_expert_parallel
+
+            engine_args["model"] = str(model)
+            self.parallel = start_expert_parallel(expert_parallel_size, engine_args, self.device)
         if dtype == "auto":  # bf16 is the checkpoint dtype; CPUs run fp32 much faster than bf16
             torch_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         elif dtype in _DTYPES:
@@ -81,7 +96,7 @@ class Engine:
         self.model, self.config = load_model(
             model, device=self.device, dtype=torch_dtype, load_format=load_format, num_layers=num_layers,
             dequantize=dequantize, fp8_dtype=self.platform.fp8_dtype, seed=seed, progress=progress,
-            ops_impl=ops_impl)
+            ops_impl=ops_impl, expert_parallel=self.parallel)
         model_dir = Path(model)
         self.tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
         limit = self.config.max_position_embeddings
@@ -92,11 +107,21 @@ class Engine:
                                             max_model_len=max_model_len or min(limit, 8192))
         block_size = block_size or default_block_size(self.model.cfg)
         check_block_size(self.model.cfg, block_size)
+        entry_dtype = self._entry_dtype(kv_cache_dtype)
+        # Decode steps replay captured graphs (engine/graphs.py) unless eager is forced or unsupported.
+        use_graphs = not enforce_eager and graphs_supported(self.model)
+        graph_bytes = profile_decode_bytes(self.model, block_size, max_num_seqs, self.sched_config.max_model_len,
+                                           enable_prefix_caching, entry_dtype) if use_graphs else 0
         self.cache_config, self.capacity = plan_cache(
             self.model, self.sched_config, block_size, enable_prefix_caching=enable_prefix_caching,
-            gpu_memory_utilization=gpu_memory_utilization, cache_bytes=cache_bytes)
-        self.pools = StatePools(self.model.cfg, self.cache_config, self.model.dtype, self.device)
-        self.runner = ModelRunner(self.model, self.pools, max_num_batched_tokens)
+            gpu_memory_utilization=gpu_memory_utilization, cache_bytes=cache_bytes, entry_dtype=entry_dtype,
+            graph_bytes=graph_bytes)
+        if self.parallel is not None:  # every rank's pools must hold what rank 0's scheduler hands out
+            self.cache_config = self.parallel.agree_cache_config(self.cache_config)
+        self.pools = StatePools(self.model.cfg, self.cache_config, self.model.dtype, self.device, entry_dtype)
+        graphs = DecodeGraphs(self.model, self.pools, max_num_seqs=max_num_seqs,
+                              max_model_len=self.sched_config.max_model_len, log=log) if use_graphs else None
+        self.runner = ModelRunner(self.model, self.pools, max_num_batched_tokens, graphs=graphs)
         self.scheduler = Scheduler(self.sched_config, self.cache_config)
         eos = set(self.config.eos_token_ids)
         if self.tokenizer is not None:
@@ -112,6 +137,17 @@ class Engine:
             for line in self.capacity_report_lines():
                 log(line)
 
+    def _entry_dtype(self, kv_cache_dtype: str) -> torch.dtype | None:
+        """kv_cache_dtype -> the dtype of the compressed entries and indexer keys (None: the model's)."""
+        if kv_cache_dtype == "auto":
+            return None
+        if kv_cache_dtype != "fp8":
+            raise FlashportError(f"kv_cache_dtype {kv_cache_dtype!r}: expected auto or fp8")
+        if self.model.ops_impl == REFERENCE:
+            raise FlashportError('kv_cache_dtype "fp8" needs the op path (ops_impl auto, torch or triton); '
+                                 'the reference path keeps its state in the model dtype')
+        return self.platform.fp8_dtype  # e4m3fnuz on MI300X, e4m3fn elsewhere
+
     # ------------------------------------------------------------------ public
     def capacity_report_lines(self) -> list[str]:
         return self.capacity.lines(self.cache_config, self.sched_config)
@@ -121,18 +157,12 @@ class Engine:
         return self.capacity
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups) or (self.parallel is not None and self.parallel.has_remote_requests())
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        if request_id in self._groups:
-            raise RequestError(f"request id {request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
-        max_len = self.sched_config.max_model_len
-        if len(ids) + params.max_tokens > max_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
-                               f"together more than max_model_len {max_len}")
-        if params.stop and self.tokenizer is None:
-            raise RequestError("stop strings need a tokenizer (the model directory has no tokenizer.json)")
+        if self.parallel is not None and self.parallel.place_request(self, request_id, prompt, params):
+            return  # data-parallel attention: the request runs on another rank
+        text, ids = self._check_request(request_id, prompt, params)
         group = _Group(request_id, text, ids, params, [],
                        prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -161,6 +191,8 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its state (unknown ids are ignored)."""
+        if self.parallel is not None and self.parallel.abort_remote(request_id):
+            return
         group = self._groups.pop(request_id, None)
         if group is None:
             return
@@ -172,14 +204,28 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the current output of every request that progressed."""
+        if self.parallel is not None and self.parallel.data_parallel:  # each rank steps its own requests
+            return self.parallel.data_parallel_step(self)
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
+        sampling = self._begin_step(plan)
+        if self.parallel is None:
+            result = self.runner.execute(plan, sampling)
+        else:  # the plan goes to every rank first; a failure there stops the process (ranks out of step)
+            result = self.parallel.execute(self.runner, plan, sampling)
+        return self._apply_result(plan, result)
+
+    def _begin_step(self, plan: SchedulerOutput) -> dict[str, SeqSampling]:
+        """Count the step and its prompt tokens; -> the sampling state of the plan's sequences."""
         self.num_steps += 1
         for s in plan.seqs:
             num_prompt = len(self._seq_group[s.request_id].prompt_ids)
             self.num_prompt_tokens_computed += max(0, min(s.start_pos + len(s.token_ids), num_prompt) - s.start_pos)
-        result = self.runner.execute(plan, {s.request_id: self._seqs[s.request_id].sampling for s in plan.seqs})
+        return {s.request_id: self._seqs[s.request_id].sampling for s in plan.seqs}
+
+    def _apply_result(self, plan: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        """Scheduler update, detokenization and stop checks of a step's result; -> the outputs."""
         finished_by_length = {r.request_id for r in self.scheduler.update(plan, result)}
         touched: dict[str, _Group] = {}
         for rid, (first, rows) in result.prompt_logprobs.items():
@@ -209,6 +255,20 @@ class Engine:
         return outputs
 
     # ------------------------------------------------------------------ internals
+    def _check_request(self, request_id: str, prompt: str | list[int], params: SamplingParams
+                       ) -> tuple[str | None, list[int]]:
+        """A new request's checks (RequestError); -> (text, prompt token ids)."""
+        if request_id in self._groups:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        max_len = self.sched_config.max_model_len
+        if len(ids) + params.max_tokens > max_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
+                               f"together more than max_model_len {max_len}")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer (the model directory has no tokenizer.json)")
+        return text, ids
+
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:

@@ -38,14 +38,17 @@ class CapacityReport:
     slot_bytes: int
     max_tokens: int  # tokens the compressed pools hold over all sequences
     max_seqs_at_max_len: int
+    entry_dtype: str = ""  # dtype of the compressed entries and indexer keys
+    graph_bytes: int = 0  # reserved for the decode graphs (their shared pool and logits buffer)
 
     def lines(self, cache: CacheConfig, sched: SchedulerConfig) -> list[str]:
         return [
             f"weights {self.weights_bytes / GiB:.2f} GiB, activation peak {self.activation_bytes / GiB:.2f} GiB, "
-            f"state budget {self.budget_bytes / GiB:.2f} GiB",
+            f"decode graphs {self.graph_bytes / GiB:.2f} GiB, state budget {self.budget_bytes / GiB:.2f} GiB",
             f"pools: window {cache.num_window_blocks} blocks ({self.window_bytes / GiB:.3f} GiB), "
             f"compressed {cache.num_comp_blocks} blocks ({self.comp_bytes / GiB:.3f} GiB), "
-            f"state slots {cache.num_state_slots} ({self.slot_bytes / GiB:.3f} GiB); block = {cache.block_size} tokens",
+            f"state slots {cache.num_state_slots} ({self.slot_bytes / GiB:.3f} GiB); block = {cache.block_size} tokens"
+            + (f"; entries and indexer keys in {self.entry_dtype}" if self.entry_dtype else ""),
             f"capacity: {self.max_tokens:,} tokens in cache, {self.max_seqs_at_max_len} sequences at "
             f"max_model_len {sched.max_model_len} (max_num_seqs {sched.max_num_seqs})",
         ]
@@ -69,8 +72,8 @@ def activation_peak(model: DeepseekV4, num_tokens: int) -> int:
 
 
 def plan_cache(model: DeepseekV4, sched: SchedulerConfig, block_size: int, *, enable_prefix_caching: bool,
-               gpu_memory_utilization: float = 0.9, cache_bytes: int | None = None
-               ) -> tuple[CacheConfig, CapacityReport]:
+               gpu_memory_utilization: float = 0.9, cache_bytes: int | None = None,
+               entry_dtype: torch.dtype | None = None, graph_bytes: int = 0) -> tuple[CacheConfig, CapacityReport]:
     cfg: ModelConfig = model.cfg
     device = model.device
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -80,18 +83,22 @@ def plan_cache(model: DeepseekV4, sched: SchedulerConfig, block_size: int, *, en
             raise FlashportError(f"gpu_memory_utilization = {gpu_memory_utilization}: must be in (0, 1]")
         act = activation_peak(model, sched.max_num_batched_tokens)
         total = torch.cuda.get_device_properties(device).total_memory
-        budget = int(gpu_memory_utilization * total) - torch.cuda.memory_allocated(device) - act
+        budget = int(gpu_memory_utilization * total) - torch.cuda.memory_allocated(device) - act - graph_bytes
     else:
         budget = cache_bytes if cache_bytes is not None else 256 * 2**20
-    b = pool_bytes(cfg, block_size, model.dtype)
+    b = pool_bytes(cfg, block_size, model.dtype, entry_dtype)
     per_seq_window = math.ceil((cfg.sliding_window - 1) / block_size) + 1
     num_window = sched.max_num_seqs * per_seq_window + math.ceil(sched.max_num_batched_tokens / block_size) + 1
     if enable_prefix_caching:
         num_window += num_window // 4
     num_slots = sched.max_num_seqs
-    rest = budget - num_window * b.window_block - num_slots * b.state_slot
+    # + 1 window block and state slot: the pools' scratch (the padding rows of decode graphs)
+    rest = budget - (num_window + 1) * b.window_block - (num_slots + 1) * b.state_slot
     blocks_per_seq = math.ceil(sched.max_model_len / block_size)
-    num_comp = rest // b.comp_block if rest > 0 else 0
+    if b.comp_block == 0:  # no compressed layer (e.g. only the first, sliding-window layers): blocks cost nothing
+        num_comp = blocks_per_seq * sched.max_num_seqs
+    else:
+        num_comp = rest // b.comp_block if rest > 0 else 0
     if num_comp < blocks_per_seq:
         need = num_window * b.window_block + num_slots * b.state_slot + blocks_per_seq * b.comp_block
         raise FlashportError(
@@ -105,5 +112,6 @@ def plan_cache(model: DeepseekV4, sched: SchedulerConfig, block_size: int, *, en
         budget_bytes=budget, weights_bytes=weights, activation_bytes=act,
         window_bytes=num_window * b.window_block, comp_bytes=int(num_comp) * b.comp_block,
         slot_bytes=num_slots * b.state_slot, max_tokens=int(num_comp) * block_size,
-        max_seqs_at_max_len=min(num_slots, int(num_comp) // blocks_per_seq))
+        max_seqs_at_max_len=min(num_slots, int(num_comp) // blocks_per_seq),
+        entry_dtype=str(entry_dtype or model.dtype).removeprefix("torch."), graph_bytes=graph_bytes)
     return cache, report

@@ -18,6 +18,7 @@ from flashport.engine.plan import ScheduledSeq
 from flashport.engine.pools import StatePools
 from flashport.model.compressor import Compressor
 from flashport.model.layers import RotaryTables
+from flashport.model.quant import to_fp8_storage
 from flashport.model.state import CompressorState
 
 
@@ -33,14 +34,30 @@ class _Chunk:
     boundaries: list[tuple[int, int]]  # (comp block, index among the chunk's closed CSA blocks)
 
 
+@dataclass(frozen=True)
+class PaddedShape:
+    """A fixed-shape decode step (engine/graphs.py): `rows` one-token rows, block tables `width`
+    wide. The rows past the real sequences are padding: token 0 at position 0 of a fresh sequence
+    whose window block is the pools' scratch block and whose state slot is the scratch slot, so
+    they write only scratch and read only what they wrote."""
+
+    rows: int
+    width: int
+
+
 class PagedRowsCache:
-    def __init__(self, pools: StatePools, seqs: list[ScheduledSeq], record_boundaries: bool) -> None:
+    def __init__(self, pools: StatePools, seqs: list[ScheduledSeq], record_boundaries: bool,
+                 padded: PaddedShape | None = None) -> None:
         self.pools, self.cfg = pools, pools.cfg
         cfg: ModelConfig = pools.cfg
         B = pools.cache_cfg.block_size
         m, mh = cfg.compress_rate_csa, cfg.compress_rate_hca
-        w_max = max(len(s.window_blocks) for s in seqs)
-        c_max = max(len(s.comp_blocks) for s in seqs)
+        if padded is None:
+            w_max = max(len(s.window_blocks) for s in seqs)
+            c_max = max(len(s.comp_blocks) for s in seqs)
+        else:
+            _check_padded(seqs, padded)
+            w_max = c_max = padded.width
         row_seq, window_write, wtab, ctab = [], [], [], []
         dec = ([], [], [], [], [], [])  # rows, slots, positions, csa close row, hca close row, boundary block
         chunk_lists: list[list[int]] = []
@@ -68,8 +85,20 @@ class PagedRowsCache:
                 bounds = [(cb[k - 1], k * B // m - 1 - start // m) for k in range(start // B + 1, end // B + 1)]
                 chunks.append((s.state_slot, slice(row, row + n), start, bounds if record_boundaries else []))
             row += n
+        num_seqs = len(seqs)
+        if padded is not None:  # padding rows: a fresh sequence's first token, on scratch state
+            pad = padded.rows - num_seqs
+            row_seq += range(num_seqs, padded.rows)
+            window_write += [pools.scratch_window_block * B] * pad
+            wtab += ([pools.scratch_window_block] + [-1] * (w_max - 1)) * pad
+            ctab += [-1] * (c_max * pad)
+            dec[0].extend(range(num_seqs, padded.rows))
+            dec[1].extend([pools.scratch_slot] * pad)
+            for k in range(2, 6):
+                dec[k].extend([0 if k == 2 else -1] * pad)
+            num_seqs = padded.rows
         self.index_lists = [row_seq, window_write, wtab, ctab, *dec, *chunk_lists]
-        self._num_seqs, self._w_max, self._c_max = len(seqs), w_max, c_max
+        self._num_seqs, self._w_max, self._c_max = num_seqs, w_max, c_max
         self._chunk_meta = chunks
 
     def bind(self, pieces: list[torch.Tensor]) -> None:
@@ -85,6 +114,18 @@ class PagedRowsCache:
 
     def layer(self, index: int) -> PagedRowsLayer:
         return PagedRowsLayer(self, index)
+
+
+def _check_padded(seqs: list[ScheduledSeq], padded: PaddedShape) -> None:
+    if len(seqs) > padded.rows:
+        raise ValueError(f"PaddedShape.rows = {padded.rows}: the step has {len(seqs)} sequences")
+    for s in seqs:
+        if len(s.token_ids) != 1:
+            raise ValueError(f"PaddedShape: sequence {s.request_id!r} has {len(s.token_ids)} new tokens; a "
+                             "padded step is decode only (one token per sequence)")
+        if len(s.comp_blocks) > padded.width or len(s.window_blocks) > padded.width:
+            raise ValueError(f"PaddedShape.width = {padded.width}: sequence {s.request_id!r} holds "
+                             f"{len(s.comp_blocks)} blocks")
 
 
 def _rows(comp_blocks: tuple[int, ...], lo: int, hi: int, per_block: int) -> list[int]:
@@ -152,11 +193,15 @@ class PagedRowsLayer:
             r = ch.start % m
             has_overlap = overlap is not None and ch.start >= m
             st = CompressorState(pending_kv=pend_kv[ch.slot, :r], pending_gate=pend_gate[ch.slot, :r],
-                                 entries=entries[:0], num_earlier=ch.start // m, overlap_kv=overlap[0][ch.slot] if has_overlap else None,
+                                 entries=kv.new_empty(0, entries.shape[1]), num_earlier=ch.start // m, overlap_kv=overlap[0][ch.slot] if has_overlap else None,
                                  overlap_gate=overlap[1][ch.slot] if has_overlap else None)
             closed = comp.update(st, kv[ch.rows], gate[ch.rows], rope)
             write = ch.csa_write if overlap is not None else ch.hca_write
-            entries.index_copy_(0, write, st.entries)
+            new = st.entries  # [closed, d] in the model dtype
+            if entries.dtype == new.dtype:
+                entries.index_copy_(0, write, new)
+            else:  # an FP8 pool (kv_cache_dtype="fp8"): index_copy_ has no FP8 kernels, its bytes do
+                entries.view(torch.uint8).index_copy_(0, write, to_fp8_storage(new, entries.dtype).view(torch.uint8))
             n = st.pending_kv.shape[0]
             pend_kv[ch.slot, :n] = st.pending_kv
             pend_gate[ch.slot, :n] = st.pending_gate

@@ -28,16 +28,20 @@ from flashport.errors import FlashportError
 
 def default_block_size(cfg: ModelConfig) -> int:
     """Smallest multiple of every compress rate that holds a window tail (B >= W - 1)."""
-    rates = [cfg.compress_rate(i) for i in range(cfg.num_hidden_layers) if cfg.compress_rate(i)]
-    step = math.lcm(*rates) if rates else 1
+    step = math.lcm(*_rates(cfg))
     return step * max(1, math.ceil((cfg.sliding_window - 1) / step))
 
 
+def _rates(cfg: ModelConfig) -> list[int]:
+    # Both rates of the config, also when the layers loaded (--num-layers) use neither: the step's
+    # row bookkeeping is written for both kinds.
+    return [r for r in (cfg.compress_rate_csa, cfg.compress_rate_hca) if r > 0] or [1]
+
+
 def check_block_size(cfg: ModelConfig, block_size: int) -> None:
-    for i in range(cfg.num_hidden_layers):
-        rate = cfg.compress_rate(i)
-        if rate and block_size % rate:
-            raise FlashportError(f"block_size {block_size} is not a multiple of layer {i}'s compress rate {rate}")
+    for rate in _rates(cfg):
+        if block_size % rate:
+            raise FlashportError(f"block_size {block_size} is not a multiple of the compress rate {rate}")
     if block_size < cfg.sliding_window - 1:
         raise FlashportError(f"block_size {block_size} is below sliding_window - 1 = {cfg.sliding_window - 1}")
 
@@ -49,25 +53,37 @@ class PoolBytes:
     state_slot: int
 
 
-def pool_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> PoolBytes:
+def pool_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype, entry_dtype: torch.dtype | None = None
+               ) -> PoolBytes:
+    """Bytes of one window block, one compressed block and one state slot. `entry_dtype`: the
+    dtype of CSA / HCA entries and indexer keys (FP8 with kv_cache_dtype="fp8"; default dtype)."""
     e = torch.empty(0, dtype=dtype).element_size()
+    ee = torch.empty(0, dtype=entry_dtype or dtype).element_size()
     B, D, Di, L = block_size, cfg.head_dim, cfg.index_head_dim, cfg.num_hidden_layers
     m, mh = cfg.compress_rate_csa, cfg.compress_rate_hca
     n_csa, n_hca = cfg.layer_types.count(CSA), cfg.layer_types.count(HCA)
     window = L * B * D * e
     boundary = m * (D + Di) * (e + 4)  # overlap kv (dtype) + gate (fp32), main and indexer
-    comp = n_csa * ((B // m) * (D + Di) * e + boundary) + n_hca * (B // mh) * D * e
+    comp = n_csa * ((B // m) * (D + Di) * ee + boundary) + n_hca * (B // mh) * D * ee
     slot = n_csa * ((m - 1) * 2 * (2 * D + 2 * Di) * e + boundary) + n_hca * (mh - 1) * 2 * D * e
     return PoolBytes(window, comp, slot)
 
 
 class StatePools:
-    def __init__(self, cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device | str,
+                 entry_dtype: torch.dtype | None = None) -> None:
+        """`entry_dtype`: CSA / HCA entries and indexer keys (FP8 for kv_cache_dtype="fp8");
+        everything else (window rows, pending rows, overlap) stays in the model dtype."""
         check_block_size(cfg, cache.block_size)
         self.cfg, self.cache_cfg = cfg, cache
+        self.entry_dtype = entry_dtype or dtype
         B, D, Di = cache.block_size, cfg.head_dim, cfg.index_head_dim
         m, mh = cfg.compress_rate_csa, cfg.compress_rate_hca
         S, NW, NC = cache.num_state_slots, cache.num_window_blocks, cache.num_comp_blocks
+        # One window block and one state slot past the scheduler's ids: the scratch that the padded
+        # rows of a fixed-shape decode step (engine/graphs.py) write, so they touch no real state.
+        self.scratch_window_block, self.scratch_slot = NW, S
+        NW, S = NW + 1, S + 1
         # Per layer: its index among the CSA (or HCA) layers, the first dim of those pools.
         self.csa_index = {layer: i for i, layer in enumerate(k for k, t in enumerate(cfg.layer_types) if t == CSA)}
         self.hca_index = {layer: i for i, layer in enumerate(k for k, t in enumerate(cfg.layer_types) if t == HCA)}
@@ -78,9 +94,9 @@ class StatePools:
 
         self.window = empty(cfg.num_hidden_layers, NW * B, D)
         # compressed blocks
-        self.csa_entries = empty(nc, NC * (B // m), D)
-        self.index_keys = empty(nc, NC * (B // m), Di)
-        self.hca_entries = empty(nh, NC * (B // mh), D)
+        self.csa_entries = empty(nc, NC * (B // m), D, dt=self.entry_dtype)
+        self.index_keys = empty(nc, NC * (B // m), Di, dt=self.entry_dtype)
+        self.hca_entries = empty(nh, NC * (B // mh), D, dt=self.entry_dtype)
         self.boundary = _Overlap(empty(nc, NC, m, D), empty(nc, NC, m, D, dt=torch.float32),
                                  empty(nc, NC, m, Di), empty(nc, NC, m, Di, dt=torch.float32))
         # state slots

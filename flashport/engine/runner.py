@@ -1,7 +1,8 @@
 """Model runner: a scheduler plan -> one forward over the pools -> tokens sampled on the device.
 
 Inputs are built on the host from the plan and uploaded once; the step's only device-to-host
-copy is the sampled tokens (and the log-probabilities asked for).
+copy is the sampled tokens (and the log-probabilities asked for). Decode steps go through
+`DecodeGraphs` when the engine has one (padded fixed shapes, graph replay on a GPU).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashport.engine.graphs import DecodeGraphs
 from flashport.engine.paged_cache import PagedCache
 from flashport.engine.paged_rows import PagedRowsCache
 from flashport.engine.plan import SchedulerOutput, StepResult
@@ -32,14 +34,21 @@ class SeqSampling:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV4, pools: StatePools, max_num_batched_tokens: int) -> None:
-        self.model, self.pools = model, pools
+    def __init__(self, model: DeepseekV4, pools: StatePools, max_num_batched_tokens: int,
+                 graphs: DecodeGraphs | None = None) -> None:
+        self.model, self.pools, self.graphs = model, pools, graphs
         self.device = model.device
         self.block_size = pools.cache_cfg.block_size
         # Token ids, positions, logits rows and pool rows of a step: one device buffer, one copy.
         self.inputs = InputBuffer(8 * max_num_batched_tokens, self.device)
 
     def execute(self, plan: SchedulerOutput, sampling: dict[str, SeqSampling]) -> StepResult:
+        shape = self.graphs.shape_for(plan) if self.graphs is not None else None
+        if shape is not None:  # a decode step: padded fixed shapes, a graph replay on a GPU
+            for s in plan.seqs:
+                if s.reset_state and s.start_pos > 0:
+                    self.pools.load_boundary(s.state_slot, s.comp_blocks[s.start_pos // self.block_size - 1])
+            return self._sample(plan, sampling, self.graphs.execute(plan, shape))
         tokens: list[int] = []
         positions: list[int] = []
         seqs: list[SeqSlice] = []

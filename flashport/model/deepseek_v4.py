@@ -12,6 +12,8 @@ prompts of unequal length, continue a prefill in chunks, or decode one token per
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -25,7 +27,7 @@ from flashport.model.state import DenseCache, LayerCache, ModelCache, SequenceSt
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, fp8_dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, moe_hook: Any = None) -> None:
         super().__init__()
         H, hc = cfg.hidden_size, cfg.hc_mult
         self.hc_attn = HyperConnection(hc, H, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps, device)
@@ -33,7 +35,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(H, cfg.rms_norm_eps, device)
         self.ffn_norm = RMSNorm(H, cfg.rms_norm_eps, device)
         self.attn = Attention(cfg, layer, dtype, fp8_dtype, device)
-        self.ffn = MoE(cfg, layer, dtype, fp8_dtype, device)
+        self.ffn = MoE(cfg, layer, dtype, fp8_dtype, device, ep=moe_hook)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor, rope: RotaryTables,
                 seqs: list[SeqSlice], cache: LayerCache, impl: str) -> torch.Tensor:
@@ -49,7 +51,9 @@ class Block(nn.Module):
 class DeepseekV4(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16,
                  fp8_dtype: torch.dtype = torch.float8_e4m3fn, device: torch.device | str | None = None,
-                 ops_impl: str = REFERENCE) -> None:
+                 ops_impl: str = REFERENCE, moe_hook: Any = None) -> None:
+        """`moe_hook`: under expert parallelism, this rank's `flashport.distributed.ExpertParallelMoE`
+        (every MoE layer then holds only the rank's routed experts); None in one process."""
         super().__init__()
         if ops_impl not in OPS_IMPLS:
             raise ValueError(f"ops_impl {ops_impl!r}: expected one of {OPS_IMPLS}")
@@ -58,7 +62,8 @@ class DeepseekV4(nn.Module):
         # V4-sized tables, and on the meta device it pulls in torch._dynamo).
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _freeze=True,
                                   _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device))
-        self.layers = nn.ModuleList(Block(cfg, i, dtype, fp8_dtype, device) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, dtype, fp8_dtype, device, moe_hook)
+                                    for i in range(cfg.num_hidden_layers))
         self.hc_head = HyperHead(cfg.hc_mult, cfg.hidden_size, cfg.hc_eps, cfg.rms_norm_eps, device)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device=device)

@@ -54,6 +54,7 @@ class LoadReport:
     seconds: float = 0.0
     skipped_mtp: int = 0  # `mtp.*` tensors (multi-token prediction, unused)
     skipped_dropped_layers: int = 0  # tensors of layers >= num_layers when loading a truncated model
+    skipped_other_ranks: int = 0  # expert parallel: tensors of experts another rank holds (not read)
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,11 @@ def _slot_shape(shape: tuple[int, ...], t: Target) -> tuple[int, ...]:
     return shape
 
 
-def _slot(param: torch.Tensor, t: Target) -> torch.Tensor:
-    """The view of `param` that tensor `t` fills."""
+def _slot(param: torch.Tensor, t: Target, first_expert: int = 0) -> torch.Tensor:
+    """The view of `param` that tensor `t` fills (`first_expert`: the global id of param's expert 0)."""
     x = param.data
     if t.expert is not None:
-        x = x[t.expert]
+        x = x[t.expert - first_expert]
     if t.half is not None:
         n = x.shape[-2] // 2
         x = x.narrow(-2, t.half * n, n)
@@ -118,8 +119,9 @@ class _Plan:
 
 
 def _plan(shards: list[Shard], listing: Path, layout: dict[str, tuple[tuple[int, ...], str]],
-          ckpt_layers: int, model_layers: int, num_experts: int) -> _Plan:
-    """Pass 1: headers only. Raises CheckpointError on the first problem found."""
+          ckpt_layers: int, model_layers: int, num_experts: int, held: range | None = None) -> _Plan:
+    """Pass 1: headers only. Raises CheckpointError on the first problem found. `held`: the
+    routed experts this rank holds (expert parallel); the others' tensors are checked, not read."""
     plan = _Plan()
     filled: dict[str, dict[tuple[int | None, int | None], str]] = {}  # name -> slot -> "file:tensor"
     pairs: dict[tuple[str, int, int], dict[str, _Item]] = {}
@@ -166,6 +168,9 @@ def _plan(shards: list[Shard], listing: Path, layout: dict[str, tuple[tuple[int,
                     raise CheckpointError(f"{where}: duplicate, {t.describe()} is also loaded from "
                                           f"{slots[clash]}")
                 slots[key] = f"{shard.path.name}:{name}"
+                if held is not None and t.expert is not None and t.expert not in held:
+                    plan.report.skipped_other_ranks += 1
+                    continue
                 nbytes = _ITEMSIZE.get(dtype, 1) * _numel(disk_shape)
                 item = _Item(shard.path, name, t, kind, nbytes)
                 items.append(item)
@@ -225,8 +230,9 @@ def _check_complete(filled: dict[str, dict[tuple[int | None, int | None], str]],
 class _Streamer:
     """Pass 2: copies tensors into the model's parameters."""
 
-    def __init__(self, model: DeepseekV4, report: LoadReport, bar: Any) -> None:
+    def __init__(self, model: DeepseekV4, report: LoadReport, bar: Any, first_expert: int = 0) -> None:
         self.params = dict(model.named_parameters())
+        self.first_expert = first_expert
         self.num_experts = model.cfg.n_routed_experts
         self.report, self.bar = report, bar
         self.pending: dict[tuple[str, int, int], dict[str, tuple[_Item, torch.Tensor]]] = {}
@@ -254,7 +260,7 @@ class _Streamer:
         if _storage_kind(item.target.name, param) != item.kind:
             raise CheckpointError(f"{item.shard}: tensor '{item.disk_name}' is plain ({item.kind}) but the "
                                   f"model stores {item.target.name} as {param.dtype}")
-        dst = _slot(param, item.target)
+        dst = _slot(param, item.target, self.first_expert)
         dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
 
     def _store_quantized(self, w_entry: tuple[_Item, torch.Tensor], s_entry: tuple[_Item, torch.Tensor]) -> None:
@@ -262,7 +268,7 @@ class _Streamer:
         s_item, s = s_entry
         where = f"{item.shard}: tensor '{item.disk_name}'"
         param = self.params[item.target.name]
-        dst = _slot(param, item.target)
+        dst = _slot(param, item.target, self.first_expert)
         s = s.view(torch.uint8).to(dst.device)
         w = w.to(dst.device)
         if bool((s == 255).any()):  # 0xFF is NaN in UE8M0
@@ -273,7 +279,7 @@ class _Streamer:
             else:
                 dst.copy_(dequant_fp4(w.view(torch.uint8), s, dst.dtype))
             return
-        scale_dst = _slot(self.params[s_item.target.name], s_item.target)
+        scale_dst = _slot(self.params[s_item.target.name], s_item.target, self.first_expert)
         model_kind = _storage_kind(item.target.name, param)
         if model_kind != item.kind:
             raise CheckpointError(f"{where}: the checkpoint stores {item.target.describe()} as {item.kind.upper()} "
@@ -288,12 +294,15 @@ class _Streamer:
 
 
 def load_checkpoint(model: DeepseekV4, model_dir: str | Path, ckpt_cfg: ModelConfig, *,
-                    fp8_dtype: torch.dtype = torch.float8_e4m3fn, progress: bool = True) -> LoadReport:
+                    fp8_dtype: torch.dtype = torch.float8_e4m3fn, progress: bool = True,
+                    expert_range: range | None = None) -> LoadReport:
     """Fill every parameter of `model` from the safetensors checkpoint in `model_dir`.
 
     `ckpt_cfg` describes the checkpoint (its config.json); `model` may have fewer layers (tensors
     of the dropped layers are skipped) and plain weights where the checkpoint is quantized
     (dequantized on load). `fp8_dtype` must be the model's FP8 dtype (e4m3fnuz: converted on load).
+    `expert_range`: the routed experts `model` holds (expert parallel; default all): only their
+    tensors are read.
     """
     start = time.perf_counter()
     n_model = model.cfg.num_hidden_layers
@@ -308,15 +317,18 @@ def load_checkpoint(model: DeepseekV4, model_dir: str | Path, ckpt_cfg: ModelCon
         shape, kind = layout.get(name, (None, None))
         if shape is not None and kind == FP4 and _storage_kind(name, p) == FLOAT:
             shape = shape[:-1] + (2 * shape[-1],)  # dequantized on load: two values per packed byte
+        if shape is not None and expert_range is not None and ".ffn.experts." in name:
+            shape = (len(expert_range),) + shape[1:]  # expert parallel: this rank's experts
         if tuple(p.shape) != shape:
             raise CheckpointError(f"{model_dir}: model parameter {name} {list(p.shape)} does not match the "
                                   f"checkpoint config ({shape})")
     shards, listing = find_shards(model_dir)
-    plan = _plan(shards, listing, layout, ckpt_cfg.num_hidden_layers, n_model, ckpt_cfg.n_routed_experts)
+    plan = _plan(shards, listing, layout, ckpt_cfg.num_hidden_layers, n_model, ckpt_cfg.n_routed_experts,
+                 expert_range)
     report = plan.report
     with torch.no_grad(), tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="loading weights",
                                disable=not progress) as bar:
-        streamer = _Streamer(model, report, bar)
+        streamer = _Streamer(model, report, bar, 0 if expert_range is None else expert_range.start)
         for path, items in plan.items.items():
             if not items:
                 continue
@@ -341,13 +353,15 @@ def _default_fp8_dtype(device: torch.device | str) -> torch.dtype:
 def load_model(model_dir: str | Path, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
                load_format: str = "auto", num_layers: int | None = None, dequantize: bool = False,
                fp8_dtype: torch.dtype | None = None, seed: int = 0, progress: bool = True,
-               ops_impl: str = "reference") -> tuple[DeepseekV4, ModelConfig]:
+               ops_impl: str = "reference", expert_parallel: Any = None) -> tuple[DeepseekV4, ModelConfig]:
     """Build a `DeepseekV4` on `device` from `model_dir`'s config.json and fill it.
 
     load_format: "safetensors" (or "auto") reads the checkpoint; "dummy" makes random weights of
     the real shapes and dtypes (benchmarks without a download). `num_layers` keeps only the first
     layers. `dequantize=True` holds every weight plain in `dtype` (FP8/FP4 dequantized on load).
     `ops_impl`: "reference" (plain torch) or an op implementation ("auto", "torch", "triton").
+    `expert_parallel`: this rank's `flashport.distributed.ExpertParallel` (None: one process): the
+    model holds and reads only the rank's routed experts.
     Returns the model and the checkpoint's config (the model's own is `model.cfg`).
     """
     if load_format not in ("auto", "safetensors", "dummy"):
@@ -360,10 +374,14 @@ def load_model(model_dir: str | Path, *, device: torch.device | str, dtype: torc
         find_shards(model_dir)  # fail before allocating the model
     if fp8_dtype is None:
         fp8_dtype = _default_fp8_dtype(device)
-    model = DeepseekV4(cfg, dtype, fp8_dtype, device, ops_impl=ops_impl)
+    hook = None if expert_parallel is None else expert_parallel.moe_hook(cfg.n_routed_experts)
+    model = DeepseekV4(cfg, dtype, fp8_dtype, device, ops_impl=ops_impl, moe_hook=hook)
     model.eval()
     if load_format == "dummy":
         init_dummy_weights(model, seed)
+        if expert_parallel is not None:  # the replicated weights must be equal on every rank
+            expert_parallel.sync_replicated(model)
     else:
-        load_checkpoint(model, model_dir, ckpt_cfg, fp8_dtype=fp8_dtype, progress=progress)
+        load_checkpoint(model, model_dir, ckpt_cfg, fp8_dtype=fp8_dtype, progress=progress,
+                        expert_range=None if hook is None else hook.shard.local)
     return model, ckpt_cfg

@@ -7,6 +7,8 @@ two per byte with UE8M0 1x32 scales, or as FP8 with block scales.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,7 +60,7 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, fp8_dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, ep: Any = None) -> None:
         super().__init__()
         H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
         self.is_hash = cfg.mlp_layer_types[layer] == HASH_MOE
@@ -67,9 +69,14 @@ class MoE(nn.Module):
         self.gate = Router(cfg, self.is_hash, dtype, device)
         block = cfg.fp8_block_size
         expert_fmt = cfg.expert_dtype if cfg.expert_dtype is not None else ("fp8" if block is not None else None)
+        # Expert parallelism (flashport.distributed): `ep` is this rank's `ExpertParallelMoE`; the
+        # layer then stores only that rank's experts and computes its routed part through it
+        # (routing stays replicated: `experts` ids are global).
+        self.ep = ep
+        E_held = E if self.ep is None else self.ep.num_local  # this rank's experts only, under EP
         self.experts = nn.Module()
-        self.experts.w13 = ExpertWeight(E, 2 * I, H, dtype, expert_fmt, block, fp8_dtype, device)
-        self.experts.w2 = ExpertWeight(E, H, I, dtype, expert_fmt, block, fp8_dtype, device)
+        self.experts.w13 = ExpertWeight(E_held, 2 * I, H, dtype, expert_fmt, block, fp8_dtype, device)
+        self.experts.w2 = ExpertWeight(E_held, H, I, dtype, expert_fmt, block, fp8_dtype, device)
         self.shared_experts = nn.Module() if cfg.n_shared_experts else None
         if self.shared_experts is not None:
             self.shared_experts.w1 = Linear(H, I, dtype, block, fp8_dtype, device)
@@ -80,7 +87,9 @@ class MoE(nn.Module):
         """x [N, H], token_ids [N] (hash routing) -> [N, H]."""
         weights, experts = self.gate(x, token_ids)  # [N, k] each
         w13, w2 = self.experts.w13, self.experts.w2
-        if impl != REFERENCE and w13.fmt in (None, "fp4"):
+        if self.ep is not None:  # expert parallel: this rank's picks, combined over the group
+            routed = self.ep.routed(x, weights, experts, w13, w2, self.limit, impl)
+        elif impl != REFERENCE and w13.fmt in (None, "fp4"):
             from flashport.ops.moe import fused_moe
 
             routed = fused_moe(x, weights, experts, w13.weight, w13.scale, w2.weight, w2.scale, self.limit, impl=impl)

@@ -108,3 +108,16 @@ def fp8_fn_to_fnuz(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Ten
     if int(scale.max()) >= 254:
         raise ValueError("an FP8 block scale is at the top of the UE8M0 range and cannot be raised for e4m3fnuz")
     return bits.view(torch.float8_e4m3fnuz), scale + 1
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an FP8 E4M3 flavour (448 for e4m3fn, 240 for e4m3fnuz)."""
+    return float(torch.finfo(dtype).max)
+
+
+def to_fp8_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x -> FP8 `dtype` for a state pool (kv_cache_dtype="fp8", no scale): values beyond the
+    format's largest finite value saturate to it (torch would give NaN on e4m3fnuz), then
+    round to nearest even."""
+    m = fp8_max(dtype)
+    return x.float().clamp(-m, m).to(dtype)
