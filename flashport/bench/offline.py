@@ -293,7 +293,11 @@ def summarize_run(run: OfflineRun, slo: SLO = SLO(), num_gpus: int = 1) -> dict:
             f = sum(s.floor_s for s in prefill)
             fd = sum(s.floor_ds_s for s in prefill)
             res["prefill"].update(floor_s=f, frac_of_floor=f / t, frac_of_datasheet_floor=fd / t)
-    pool = full or decode_only
+    # The decode steps with every request running; else (requests finished while later prompts were
+    # still being prefilled) the decode-only steps at their largest batch, so that a step time, its
+    # floor and its batch describe the same steps.
+    widest = max((s.decodes for s in decode_only), default=0)
+    pool = full or [s for s in decode_only if s.decodes == widest]
     if pool:
         dts = [s.dt for s in pool]
         med = statistics.median(dts)
@@ -302,9 +306,9 @@ def summarize_run(run: OfflineRun, slo: SLO = SLO(), num_gpus: int = 1) -> dict:
                          "tok_s": statistics.median(s.decodes / s.dt for s in pool),
                          "context_median": statistics.median(c for s in pool for _, c in s.seqs)}
         if all(s.floor_s is not None for s in pool):
-            fl = statistics.median(s.floor_s for s in pool)
-            fd = statistics.median(s.floor_ds_s for s in pool)
-            res["decode"].update(floor_ms=fl * 1e3, frac_of_floor=fl / med, frac_of_datasheet_floor=fd / med)
+            t = sum(dts)
+            fl, fd = sum(s.floor_s for s in pool) / t, sum(s.floor_ds_s for s in pool) / t
+            res["decode"].update(floor_ms=fl * med * 1e3, frac_of_floor=fl, frac_of_datasheet_floor=fd)
     if steps and all(s.floor_s is not None for s in steps):
         res["frac_of_floor_all_steps"] = sum(s.floor_s for s in steps) / sum(s.dt for s in steps)
     ok = [r for r in run.records if r.error is None]

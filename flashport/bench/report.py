@@ -171,7 +171,7 @@ def build_report(res: dict, prices: dict[str, float | None]) -> dict:
             else (s.get("prefix_prefill") or {}).get("prompt_tok_s"),
             {k: v.get("prefill_tok_s_per_gpu") for k, v in proj.items()}, "", 0)
         dec = s.get("decode", {})
-        row(f"{tag}: TPOT = decode step at batch {c}, ms", dec.get("step_ms_median"),
+        row(f"{tag}: TPOT = decode step at batch {dec.get('batch', c)}, ms", dec.get("step_ms_median"),
             {k: v.get("tpot_ms") for k, v in proj.items()}, "", 1)
         pre_frac = (s.get("prefix_prefill") or {}).get("frac_of_floor") if w.get("shared_prefix") else \
             pre.get("frac_of_floor")

@@ -33,7 +33,7 @@ from flashport.cli import main  # noqa: E402
 GPU_ARGS = [
     "v4-flash", "--num-layers", "20", "--device", "cuda", "--max-num-batched-tokens", "8192",
     "--gpu-memory-utilization", "0.88",
-    "--workload", "64,8192,64,target=1024",
+    "--workload", "64,8192,128,target=1024",
     "--workload", "128,32768,64,shared=32512,target=1024",
     "--workload", "64,512,16,target=1024",
     "--latency-isl", "4096", "--latency-osl", "32", "--repeats", "3",
