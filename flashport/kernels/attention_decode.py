@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashport.kernels.fp8 import e4m3_bits_to_f32
 from flashport.kernels.spec import TARGETS, AotSpec, target_of
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -118,13 +119,8 @@ def _to_model(x, dtype: tl.constexpr, ENT_FMT: tl.constexpr):
         x = x.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     elif ENT_FMT == 2:  # ENT_E4M3FNUZ
         x = x.to(tl.float8e4b8, bitcast=True).to(tl.float32)
-    elif ENT_FMT == 3:  # ENT_E4M3FNUZ_SOFT: the interpreter has no e4m3fnuz; decode the bits (bias 8)
-        bits = x.to(tl.int32)
-        e = (bits >> 3) & 15
-        m = (bits & 7).to(tl.float32)
-        m = tl.where(e == 0, m, m + 8.0)  # subnormals have no implicit leading one
-        p2 = ((tl.maximum(e, 1) - 11 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(max(e,1) - 8 - 3)
-        x = tl.where(bits == 128, float("nan"), tl.where(bits > 128, -(m * p2), m * p2))
+    elif ENT_FMT == 3:  # ENT_E4M3FNUZ_SOFT: the interpreter has no e4m3fnuz; decode the bits
+        x = e4m3_bits_to_f32(x, 2)  # kernels/fp8.py format 2 = e4m3fnuz
     return x.to(dtype)
 
 

@@ -52,8 +52,9 @@ def e4m3_bits_to_f32(c, FMT: tl.constexpr):
     c = c.to(tl.int32)
     e = (c >> 3) & 0xF
     m = (c & 7).to(tl.float32)
-    # Normal: (8 + m) * 2^(e - BIAS - 3); subnormal (e = 0): m * 2^(1 - BIAS - 3).
-    mag = tl.where(e > 0, (8.0 + m) * tl.exp2((e - BIAS - 3).to(tl.float32)), m * (2.0 ** (-BIAS - 2)))
+    m = tl.where(e == 0, m, m + 8.0)  # subnormals have no implicit leading one
+    # value = m * 2^(max(e, 1) - BIAS - 3), the power of two built from its fp32 bits (exact).
+    mag = m * ((tl.maximum(e, 1) - BIAS - 3 + 127) << 23).to(tl.float32, bitcast=True)
     if FMT == 1:
         return tl.where((c & 0x80) != 0, -mag, mag)
     else:

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashport.kernels.fp8 import e4m3_bits_to_f32
 from flashport.kernels.spec import INTERPRET, TARGETS, AotSpec, target_of
 
 
@@ -150,13 +151,7 @@ def _e4m3_to_f32(q, W_FMT: tl.constexpr):
     elif W_FMT == 1:  # FMT_E4M3FNUZ
         v = q.to(tl.float8e4b8, bitcast=True).to(tl.float32)
     else:
-        b = q.to(tl.int32)
-        e = (b >> 3) & 15
-        m = (b & 7).to(tl.float32)
-        m = tl.where(e == 0, m, m + 8.0)  # subnormals have no implicit leading one
-        # value = m * 2^(max(e, 1) - 8 - 3): a normal fp32 power of two for every code.
-        p = ((tl.maximum(e, 1) - 11 + 127) << 23).to(tl.float32, bitcast=True)
-        v = tl.where(b >= 128, -(m * p), m * p)
+        v = e4m3_bits_to_f32(q, 2)  # kernels/fp8.py format 2 = e4m3fnuz, decoded arithmetically
     return v
 
 
