@@ -154,6 +154,28 @@ EXPERT_PARALLEL_HELP = ("split the routed experts over N GPUs of this host, one 
                         "several hosts: start every rank with torchrun, see docs/expert_parallel.md); default 1")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model and engine options `generate` and `serve` share."""
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
+                   help="dummy = random weights of the right shapes, no checkpoint read (only safetensors "
+                        "files are ever loaded)")
+    p.add_argument("--num-layers", type=int, default=None, help="run only the first N layers")
+    p.add_argument("--dequantize", action="store_true", help="dequantize FP8/FP4 weights at load time")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default 8192)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and state pools (default 0.9)")
+    p.add_argument("--cache-bytes", type=int, default=None,
+                   help="state pool budget in bytes (the CPU budget; on a GPU it overrides the fraction)")
+    p.add_argument("--ops-impl", choices=["auto", "reference", "torch", "triton"], default="auto",
+                   help="how the model computes: auto (Triton kernels on a GPU, torch twins on a CPU; default), "
+                        "reference (plain torch), torch, triton")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help=KV_CACHE_DTYPE_HELP)
+    p.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
+    p.add_argument("--expert-parallel-size", type=int, default=1, metavar="N", help=EXPERT_PARALLEL_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashport", description="DeepSeek-V4-Flash inference engine (PyTorch + Triton)."
@@ -179,28 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1, help="-1 = off (default)")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
-    gen.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    gen.add_argument(
-        "--load-format",
-        choices=["auto", "safetensors", "dummy"],
-        default="auto",
-        help="dummy = random weights of the right shapes (no checkpoint read)",
-    )
-    gen.add_argument("--num-layers", type=int, default=None, help="run only the first N layers")
-    gen.add_argument(
-        "--dequantize", action="store_true", help="dequantize FP8/FP4 weights at load time"
-    )
-    gen.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default 8192)")
-    gen.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                     help="fraction of GPU memory for weights, activations and state pools (default 0.9)")
-    gen.add_argument("--cache-bytes", type=int, default=None,
-                     help="state pool budget in bytes (the CPU budget; on a GPU it overrides the fraction)")
-    gen.add_argument("--ops-impl", choices=["auto", "reference", "torch", "triton"], default="auto",
-                     help="how the model computes: auto (Triton kernels on a GPU, torch twins on a CPU; default), reference (plain torch), torch, triton")
-    gen.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help=KV_CACHE_DTYPE_HELP)
-    gen.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
-    gen.add_argument("--expert-parallel-size", type=int, default=1, metavar="N", help=EXPERT_PARALLEL_HELP)
+    _add_model_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -221,28 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds requests in flight get to finish after SIGTERM before they are aborted (default 30)")
     srv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     srv.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    srv.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    srv.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
-                     help="dummy = random weights of the right shapes (only safetensors are ever read)")
-    srv.add_argument("--num-layers", type=int, default=None, help="run only the first N layers")
-    srv.add_argument("--dequantize", action="store_true", help="dequantize FP8/FP4 weights at load time")
-    srv.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default 8192)")
+    _add_model_args(srv)
     srv.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch (default 256)")
     srv.add_argument("--max-num-batched-tokens", type=int, default=2048,
                      help="tokens per engine step, the prefill chunk budget (default 2048)")
     srv.add_argument("--block-size", type=int, default=None, help="cache block size in tokens (default: the model's)")
-    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                     help="fraction of GPU memory for weights, activations and state pools (default 0.9)")
-    srv.add_argument("--cache-bytes", type=int, default=None,
-                     help="state pool budget in bytes (the CPU budget; on a GPU it overrides the fraction)")
     srv.add_argument("--no-prefix-caching", action="store_true", help="disable prefix reuse")
     srv.add_argument("--seed", type=int, default=0, help="engine seed (for requests without a seed)")
-    srv.add_argument("--ops-impl", choices=["auto", "reference", "torch", "triton"], default="auto",
-                     help="how the model computes: auto (Triton kernels on a GPU, torch twins on a CPU; default), reference (plain torch), torch, triton")
-    srv.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help=KV_CACHE_DTYPE_HELP)
-    srv.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
-    srv.add_argument("--expert-parallel-size", type=int, default=1, metavar="N", help=EXPERT_PARALLEL_HELP)
     srv.set_defaults(func=_cmd_serve)
 
     from flashport.bench.cli import add_parser as add_bench_parser
