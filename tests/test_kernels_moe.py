@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashport.kernels.moe_gemm import _fp4_code, _fp4_planes, _fp4_scales
+from flashport.kernels.moe_gemm import _fp4_code, _fp4_planes, _fp4_scales, _fp4_words_unpack, _fp4_x2_bits
 from flashport.model.quant import dequant_fp4
 from flashport.ops.moe import clamped_swiglu, fused_moe, fused_moe_torch
 
@@ -121,11 +121,13 @@ def _use_variant(monkeypatch, form: str, **over) -> None:
 
 @pytest.mark.parametrize("form,planes,prefetch,decode", [
     ("decode", 8, False, "f32"), ("decode", 2, True, "f16"), ("decode", 1, False, "f32"),
-    ("prefill", 8, True, "f16"), ("prefill", 2, False, "f32"), ("prefill", 1, True, "f32")])
+    ("prefill", 8, True, "f16"), ("prefill", 2, False, "f32"), ("prefill", 1, True, "f32"),
+    ("decode", 4, False, "x2"), ("prefill", 4, False, "f32")])
 def test_fp4_kernel_variants(form: str, planes: int, prefetch: bool, decode: str, monkeypatch) -> None:
-    # The sweep's constexpr variants (word planes, byte planes, interleaved; prefetched K steps or
-    # not; codes decoded through fp16 or fp32 bits), both kernels, with a top-k routing of distinct
-    # picks. The interpreter tables' own choices run in the tests above.
+    # The sweep's constexpr variants (word planes, byte planes, interleaved, pair-order word tiles
+    # as the left operand; prefetched K steps or not; codes decoded through fp16 or fp32 bits; "x2"
+    # is the per-code fp16 decode for fp32 activations), both kernels, with a top-k routing of
+    # distinct picks. The interpreter tables' own choices run in the tests above.
     from flashport.kernels.moe import fused_moe_triton
 
     _use_variant(monkeypatch, form, PLANES=planes, PREFETCH=prefetch, DECODE=decode)
@@ -220,6 +222,66 @@ def test_fp4_decode_bit_exact(dtype: torch.dtype, decode: str) -> None:
         _decode_probe[(1,)](packed, scale, even, odd, words, BN=BN, G=G, DECODE=decode)
         assert torch.equal(even, ref[:, 0::2]) and torch.equal(odd, ref[:, 1::2])
         assert torch.equal(words, ref)
+
+
+@triton.jit
+def _x2_probe(w_ptr, out_ptr, Q: tl.constexpr):
+    # int32 words [Q] -> _fp4_x2_bits at i = 0..3, stored [4, Q].
+    q = tl.arange(0, Q)
+    w = tl.load(w_ptr + q)
+    for i in tl.static_range(4):
+        tl.store(out_ptr + i * Q + q, _fp4_x2_bits(w, i))
+
+
+def test_fp4_x2_bits() -> None:
+    # Every byte value in every byte of a word: the packed decode's integer step gives, in the low
+    # / high half of word i, the bf16 bits of code i / i + 4 times 2^-126 (torch's own bf16 of
+    # that value, subnormals included), two codes per op. (The bf16 bit casts and products that
+    # follow do not run in the interpreter: test_fp4_words_unpack_bit_exact runs them on a GPU.)
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    packed = torch.stack([b, b.roll(1), b.roll(7), b.roll(100)], 1).reshape(-1)  # [1024] bytes
+    words = packed.view(torch.int32)  # [256]: nibble p of word j = input column 8j + p
+    out = torch.empty(4, 256, dtype=torch.int32)
+    _x2_probe[(1,)](words, out, Q=256)
+    codes = dequant_fp4(packed[None], torch.full((1, 64), 1, dtype=torch.uint8), torch.float32)  # e2m1 * 2^-126
+    bits = codes.reshape(256, 8).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    want = (bits[:, :4] | (bits[:, 4:] << 16)).T.contiguous()  # [4, 256]: codes i and i + 4
+    assert torch.equal(out, want)
+
+
+@triton.jit
+def _unpack_probe(w_ptr, s_ptr, out_ptr, BN: tl.constexpr, G: tl.constexpr, DECODE: tl.constexpr):
+    # Word tile [BN, G, 4] + scales [BN, G, 1] -> _fp4_words_unpack (pair order), written back in
+    # input column order [BN, 32 G].
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    n = tl.arange(0, BN)
+    g = tl.arange(0, G)
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    b = tl.load(w32 + n[:, None, None] * (4 * G) + (4 * g)[None, :, None] + tl.arange(0, 4)[None, None, :])
+    s = tl.load(s_ptr + n[:, None, None] * G + g[None, :, None])
+    w = _fp4_words_unpack(b, s, dt, DECODE)
+    k = tl.arange(0, 32 * G)  # pair-order position 8j + 2i + h holds input column 8j + i + 4h
+    tl.store(out_ptr + n[:, None] * (32 * G) + ((k & ~7) + ((k >> 1) & 3) + 4 * (k & 1))[None, :], w)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply")  # scale 2^127 x 6 = inf, as in the twin
+@pytest.mark.parametrize("dtype,decode", [
+    (torch.float32, "x2"), (torch.float32, "f32"),
+    pytest.param(torch.bfloat16, "x2", marks=pytest.mark.gpu), pytest.param(torch.bfloat16, "f16", marks=pytest.mark.gpu)])
+def test_fp4_words_unpack_bit_exact(dtype: torch.dtype, decode: str) -> None:
+    # The pair-order word tile of PLANES 4, back in input order, equals the twin's dequantization
+    # bit for bit: every byte value, scale bytes across the whole range. bf16 (on a GPU): the packed
+    # "x2" decode (bf16 bit casts, packed bf16 products, subnormal weights at scale bytes 0 and 1).
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors
+    BN, G = 8, 4
+    packed = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(2).reshape(BN, 16 * G)
+    for i in range(0, len(_SCALE_BYTES), 3):
+        scale = torch.tensor(_SCALE_BYTES * 5, dtype=torch.uint8)[i:i + BN * G].reshape(BN, G)
+        ref = dequant_fp4(packed, scale, dtype)  # [BN, 32 G]
+        out = torch.empty(BN, 32 * G, dtype=dtype, device=dev)
+        _unpack_probe[(1,)](packed.to(dev), scale.to(dev), out, BN=BN, G=G, DECODE=decode)
+        assert torch.equal(out.cpu().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 
 
 def test_fp4_fp16_rounding_flow() -> None:

@@ -25,10 +25,11 @@ from flashport.kernels.spec import TARGETS, AotSpec, target_of
 
 # N (tokens in the call) from which the prefill form runs. The prefill form's 128-row tiles pay one
 # dequantization of an expert's weights per 128 rows, the decode form's 16-row tiles one per 16 rows.
-# H200, 2026-11-29 (fused op): decode form 4.80 / 5.57 / 10.21 ms at N = 256 / 512 / 1024, prefill
-# form 6.17 / 6.20 / 6.28 ms (flat: below ~1K tokens every expert has one row tile); 640: the
-# crossover interpolated between 512 and 1024. Other targets: the sm_90 value (not measured there).
-PREFILL_MIN_TOKENS: dict[str, int] = {"sm_90": 640, "sm_100": 640, "gfx942": 640, "gfx950": 640,
+# H200, 2026-11-29 (fused op, pair-order decode tiles of scripts/gpu/rounds/s3d.tsv): decode form
+# 3.40 / 3.72 / 6.70 ms at N = 256 / 512 / 1024, prefill form 6.06 / 6.13 / 6.23 ms (flat: below ~1K
+# tokens every expert has one row tile); 928: the crossover interpolated between 512 and 1024 (937).
+# Other targets: the sm_90 value (not measured there).
+PREFILL_MIN_TOKENS: dict[str, int] = {"sm_90": 928, "sm_100": 928, "gfx942": 928, "gfx950": 928,
                                       "interpret": 64}
 SUM_CONFIGS: dict[str, dict] = {
     **{t: dict(BLOCK_H=1024, num_warps=4) for t in TARGETS},

@@ -16,16 +16,20 @@ the activation dtype with their UE8M0 scales applied: the nibble goes straight i
 few integer ops, no table; DECODE picks fp16 bits widened to fp32, fp32 bits, or bf16 bits with
 packed bf16 products), then two exact power-of-two products give e2m1 * 2^(s - 127), the very
 value the torch twin's dequantization rounds to the activation dtype (so the kernel is exact for
-every scale byte, wherever that value is representable). That decode, a dozen instructions per
-weight value, not the bytes, is what bounds these kernels.
+every scale byte, wherever that value is representable). DECODE "x2" (bf16 activations, 32-bit word
+tiles) decodes two codes per integer op into bf16 bits and applies the scale as packed bf16
+products: ~5 instructions per weight value where the per-code decodes take ~12.
 
 PLANES picks how the decoded codes meet the activations: 2, the even and odd nibble planes of a
 byte tile multiply strided even / odd activation columns (two dots per K step); 1, the planes are
 interleaved back into input order (one dot on contiguous activations); 8, the tile is loaded as
 32-bit words (a quarter of the registers of a byte tile) whose eight nibble planes multiply
-activation columns of stride 8; 0 (experimental, in no table), Triton's tl.dot_scaled. Products
-run in the activation dtype with fp32 accumulation; results are rounded where transformers rounds
-(each projection output, silu, the SwiGLU product, the weighted output). PREFETCH issues the next
+activation columns of stride 8; 4, word tiles in PAIR ORDER (codes i and i + 4 of each word side by
+side, the halves of one "x2" word) against the activations reordered the same way in registers, the
+weights as the left operand (acc^T = W @ a^T: the weight rows are the matrix units' M side, which
+Hopper's wgmma needs >= 64 of; the decode tables); 0 (experimental, in no table), Triton's
+tl.dot_scaled. Products run in the activation dtype with fp32 accumulation; results are rounded
+where transformers rounds (each projection output, silu, the SwiGLU product, the weighted output). PREFETCH issues the next
 K step's weight loads before the current step's decode and dots (two tiles of bytes in flight per
 program); num_stages > 1 instead lets the compiler stream them through shared memory.
 """
@@ -41,26 +45,27 @@ from flashport.kernels.spec import TARGETS, AotSpec, target_of
 FP4_GROUP = 32  # values per UE8M0 scale
 
 # BLOCK_K input columns (BLOCK_K / 2 bytes, BLOCK_K / 32 scale groups of each weight row) per K step.
-# sm_90 entries: the best of scripts/gpu/bench_moe.py --sweep / --short-sweep on an H200 (2026-11-29;
-# gate/up and down timed alone at N = 1, 8, 64, 256 and 8192; see gpu_results/moe.summary.md).
-# Decode (few rows per expert): BLOCK_M 16, narrow column tiles; gate/up streams its byte tiles
-# through num_stages shared-memory buffers (interleaved planes, one dot per step; BLOCK_K 128 over
-# 256: 5-7% faster at N = 8..256, 8% slower at N = 1), down its 32-bit word tiles (eight planes).
+# sm_90 entries: the best of scripts/gpu/bench_moe.py --sweep / --short-sweep on an H200 (each GEMM
+# kernel timed alone at N = 1, 8, 64, 256 and 8192; docs/perf/kernels.md, docs/perf/speed-notes.md).
+# Decode (few rows per expert): pair-order word tiles as the left operand (PLANES 4: 64 weight rows
+# are the wgmma M side, the 16-row token tile its N side), codes decoded two per integer op
+# (DECODE "x2"), the next K step's bytes prefetched, 64-column K steps (2-4% faster than 128 at N = 8 to
+# 256); fused MoE at N = 64: 3,410 -> 2,613 us (scripts/gpu/rounds/s3d.tsv, docs/perf/speed-notes.md).
 # Prefill: 128-row tiles, one dot per K step, GROUP_M row tiles sweeping the columns together (L2
-# reuse); gate/up with one warp group (its two accumulators), down with two. DECODE "f16": the
-# "bf16" decode measured the same or up to 7% faster, bit-identical, but cannot be checked by the
-# CPU tests (the interpreter's bf16 bit casts are wrong). sm_100: the sm_90 entries (not measured).
-_GU_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, PLANES=1, PREFETCH=False, DECODE="f16",
-                  num_warps=4, num_stages=4)
-_GU_PREFILL = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, PLANES=1, PREFETCH=False, DECODE="f16",
+# reuse); gate/up with one warp group (its two accumulators), down with two; DECODE "bf16" (packed
+# bf16 scale products; 2-7% faster than "f16" at N = 8192, bit-identical). sm_100: the sm_90
+# entries (not measured).
+_GU_DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, PLANES=4, PREFETCH=True, DECODE="x2",
+                  num_warps=4, num_stages=1)
+_GU_PREFILL = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, PLANES=1, PREFETCH=False, DECODE="bf16",
                    num_warps=4, num_stages=3)
-_DOWN_DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, PLANES=8, PREFETCH=False, DECODE="f16",
+_DOWN_DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, PLANES=4, PREFETCH=True, DECODE="x2",
                     num_warps=4, num_stages=1)
-_DOWN_PREFILL = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, PLANES=1, PREFETCH=False, DECODE="f16",
+_DOWN_PREFILL = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, PLANES=1, PREFETCH=False, DECODE="bf16",
                      num_warps=8, num_stages=3)
-# AMD entries: the NVIDIA tiles with AMD launch options (not measured on an AMD device); DECODE
-# stays "f16" there (the other decodes rely on subnormal inputs, which AMD code may flush).
-_AMD = dict(num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, kpack=1)
+# AMD entries: the NVIDIA tiles with AMD launch options (not measured on an AMD device) and DECODE
+# "f16" (the "x2" and "bf16" decodes rely on bf16 subnormal inputs, which AMD code may flush).
+_AMD = dict(num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, kpack=1, DECODE="f16")
 
 
 def _table(decode: dict, prefill: dict, interpret: dict) -> dict[str, dict[str, dict]]:
@@ -70,10 +75,10 @@ def _table(decode: dict, prefill: dict, interpret: dict) -> dict[str, dict[str, 
 
 
 # The interpreter runs programs one by one: few, wide tiles keep the tests fast.
-# The decode entry takes the interleaved single-dot decode (PLANES=1): the word planes cost the
-# interpreter 8 dots per K step; tests/test_kernels_moe.py runs every variant explicitly.
-_GU_INTERPRET = {"decode": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, PLANES=1, PREFETCH=False,
-                                DECODE="f16", num_warps=4, num_stages=1),
+# The decode entry has the GPU's structure (pair-order word tiles, left operand, prefetch; "x2" is the
+# per-code fp16 decode for the tests' fp32 activations); tests/test_kernels_moe.py runs every variant.
+_GU_INTERPRET = {"decode": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, PLANES=4, PREFETCH=True,
+                                DECODE="x2", num_warps=4, num_stages=1),
                  "prefill": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, PLANES=1, PREFETCH=False,
                                  DECODE="f16", num_warps=4, num_stages=1)}
 _DOWN_INTERPRET = {form: {**c, "BLOCK_N": 64, "BLOCK_K": 32} for form, c in _GU_INTERPRET.items()}
@@ -262,6 +267,79 @@ def _fp4_words_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K: tl.constexpr, DECO
 
 
 @triton.jit
+def _fp4_x2_bits(w, i: tl.constexpr):
+    # int32 words w (nibble p: input column 8j + p) -> int32 words whose low / high halves are the
+    # bf16 bits of codes i / i + 4: e2m1 * 2^-126 (the codes of magnitude <= 0.5 as subnormals),
+    # magnitude (c & 7) << 6 and sign (c & 8) << 12, both halves at once: three integer ops for two
+    # codes where _fp4_code takes six for one.
+    if 4 * i <= 6:
+        mag = (w << (6 - 4 * i)) & 0x01C001C0
+    else:
+        mag = (w >> (4 * i - 6)) & 0x01C001C0  # arithmetic shift: the mask drops the sign copies
+    return mag | ((w << (12 - 4 * i)) & -0x7FFF8000)  # 0x80008000 as int32
+
+
+@triton.jit
+def _bf16_halves(v):
+    # int32 [...] -> its (low, high) 16-bit halves as bf16.
+    return v.to(tl.int16).to(tl.bfloat16, bitcast=True), (v >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _pair_order(x0, x1, x2, x3, x4, x5, x6, x7):
+    # the eight code planes of a word tile [..., Q] -> [..., Q, 2, 2, 2] whose element (q, c, d, h)
+    # is plane i + 4h, i = 2c + d: flattened, the word's codes in PAIR ORDER 0 4 1 5 2 6 3 7, so
+    # codes i and i + 4 (the halves of one _fp4_x2_bits word) sit side by side (a join's new axis
+    # is its last: the inner joins give the major axes).
+    lo = tl.join(tl.join(x0, x2), tl.join(x1, x3))
+    hi = tl.join(tl.join(x4, x6), tl.join(x5, x7))
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _load_pair_cols_t(row_ptrs, row_ok, k0, K, BLOCK_K: tl.constexpr):
+    # Activations of the rows `row_ptrs` [BM] at the input columns of a pair-order tile at k0,
+    # transposed: [BLOCK_K, BM]. Loaded in input order (contiguous runs of each row, so few wide
+    # loads: the tile is re-read from L2 by every column tile) and put in pair order in registers:
+    # column 8j + i + 4h is (j, h, i) in input order, (j, i, h) in pair order.
+    a = _load_a(row_ptrs, row_ok, k0, K, BLOCK_K, 1)  # [BM, BLOCK_K]
+    BM: tl.constexpr = a.shape[0]
+    a = tl.reshape(tl.permute(tl.reshape(a, (BM, BLOCK_K // 8, 2, 4)), (0, 1, 3, 2)), (BM, BLOCK_K))
+    return tl.trans(a)
+
+
+@triton.jit
+def _fp4_words_unpack(b, s, dt: tl.constexpr, DECODE: tl.constexpr):
+    # Word tile b int32 [BN, G, 4] + scales [BN, G, 1] -> W [BN, 32 G] in pair order (_pair_order), dt.
+    # DECODE "x2" with bf16 activations: two codes per integer op (_fp4_x2_bits) and per packed
+    # product; otherwise each of the eight codes of a word alone (_fp4_code).
+    BN: tl.constexpr = b.shape[0]
+    K: tl.constexpr = 8 * b.shape[1] * b.shape[2]
+    if DECODE == "x2" and dt == tl.bfloat16:
+        # The scale products after the join, on [BN, G, 4, 2, 2, 2]: the two halves of one word,
+        # side by side there, make one packed bf16 product without re-pairing.
+        x0, x4 = _bf16_halves(_fp4_x2_bits(b, 0))
+        x1, x5 = _bf16_halves(_fp4_x2_bits(b, 1))
+        x2, x6 = _bf16_halves(_fp4_x2_bits(b, 2))
+        x3, x7 = _bf16_halves(_fp4_x2_bits(b, 3))
+        lo, hi = _fp4_scales(s, dt, "bf16")  # [BN, G, 1]
+        w = _pair_order(x0, x1, x2, x3, x4, x5, x6, x7)
+        w = w * lo[:, :, :, None, None, None] * hi[:, :, :, None, None, None]
+        return tl.reshape(w, (BN, K))
+    D: tl.constexpr = "f16" if DECODE == "x2" else DECODE
+    lo, hi = _fp4_scales(s, dt, D)
+    x0 = _fp4_code(b, lo, hi, 0, dt, D)
+    x1 = _fp4_code(b, lo, hi, 4, dt, D)
+    x2 = _fp4_code(b, lo, hi, 8, dt, D)
+    x3 = _fp4_code(b, lo, hi, 12, dt, D)
+    x4 = _fp4_code(b, lo, hi, 16, dt, D)
+    x5 = _fp4_code(b, lo, hi, 20, dt, D)
+    x6 = _fp4_code(b, lo, hi, 24, dt, D)
+    x7 = _fp4_code(b, lo, hi, 28, dt, D)
+    return tl.reshape(_pair_order(x0, x1, x2, x3, x4, x5, x6, x7), (BN, K))
+
+
+@triton.jit
 def _fp4_dot_scaled(acc, a_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K,
                     BLOCK_K: tl.constexpr):
     # Experimental (PLANES == 0; in no table, the sweep times it): Triton's own microscaled dot,
@@ -286,6 +364,29 @@ def _fp4_gemm(acc, a_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 
     if PLANES == 0:
         for k0 in range(0, K, BLOCK_K):
             acc = _fp4_dot_scaled(acc, a_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K)
+    elif PLANES == 4:
+        # Word tiles in pair order times the activations' columns in the same order, the weights
+        # as the LEFT operand: acc^T [BN, BM] = W [BN, BLOCK_K] @ a^T, so the matrix units' M side
+        # is the BN weight rows (Hopper's wgmma needs M >= 64; BM is 16 at decode).
+        # PREFETCH: the next K step's words, scales and activations are loaded before this step's
+        # decode (a tile of bytes in flight while the program computes; without it every step
+        # waits out the latency of its own loads).
+        dt: tl.constexpr = a_rows.dtype.element_ty
+        acc_t = tl.zeros((acc.shape[1], acc.shape[0]), dtype=tl.float32)
+        if PREFETCH:
+            b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K)
+            a_t = _load_pair_cols_t(a_rows, row_ok, 0, K, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            if PREFETCH:
+                b_now, s_now, a_now = b, s, a_t
+                b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0 + BLOCK_K, K, BLOCK_K)
+                a_t = _load_pair_cols_t(a_rows, row_ok, k0 + BLOCK_K, K, BLOCK_K)
+            else:
+                b_now, s_now = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K)
+                a_now = _load_pair_cols_t(a_rows, row_ok, k0, K, BLOCK_K)
+            w = _fp4_words_unpack(b_now, s_now, dt, DECODE)  # [BN, BLOCK_K]
+            acc_t = _mma(acc_t, w, a_now)  # += W [BN, BLOCK_K] @ a^T [BLOCK_K, BM]
+        acc += tl.trans(acc_t)
     elif PLANES == 8:
         if PREFETCH:
             b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K)

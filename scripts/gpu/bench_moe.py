@@ -182,17 +182,14 @@ def candidates(kernel: str, form: str, short: bool = False) -> list[dict]:
     # stops adding candidates when the budget runs low. `short`: the few left open by the sweep.
     if short and not TINY:
         return [{}] + {
-            ("gate_up", "decode"): [dict(DECODE="bf16"), dict(PLANES=8, DECODE="bf16"), dict(PLANES=8),
-                                    dict(num_stages=4), dict(BLOCK_N=64), dict(BLOCK_K=128, num_stages=4),
-                                    dict(PLANES=0)],
-            ("down", "decode"): [dict(DECODE="bf16"), dict(num_stages=3), dict(num_stages=3, DECODE="bf16"),
-                                 dict(PLANES=1, num_stages=3), dict(BLOCK_N=128, BLOCK_K=128), dict(PLANES=0)],
-            ("gate_up", "prefill"): [dict(DECODE="bf16"), dict(BLOCK_M=256, num_warps=8),
-                                     dict(BLOCK_M=256, num_warps=8, DECODE="bf16"), dict(DECODE="f32"),
-                                     dict(BLOCK_K=128), dict(PLANES=0)],
-            ("down", "prefill"): [dict(DECODE="bf16"), dict(BLOCK_M=256, BLOCK_N=64),
-                                  dict(BLOCK_M=256, BLOCK_N=64, DECODE="bf16"), dict(DECODE="f32"),
-                                  dict(BLOCK_N=64, num_warps=4), dict(PLANES=0)],
+            # Around the table's pair-order word tiles (PLANES 4, "x2", prefetch): tiles, no prefetch,
+            # and the per-code fp16 decode on the same tiles (what the packed decode buys).
+            ("gate_up", "decode"): [dict(PREFETCH=False), dict(BLOCK_N=128), dict(BLOCK_K=64), dict(BLOCK_K=256),
+                                    dict(DECODE="f16"), dict(num_stages=2)],
+            ("down", "decode"): [dict(PREFETCH=False), dict(BLOCK_N=128), dict(BLOCK_K=64), dict(BLOCK_K=256),
+                                 dict(DECODE="f16"), dict(num_stages=2)],
+            ("gate_up", "prefill"): [],
+            ("down", "prefill"): [],
         }[(kernel, form)]
     if TINY:
         return [{}, dict(PLANES=2, PREFETCH=False, DECODE="f32"), dict(PLANES=1, PREFETCH=True)]
