@@ -29,9 +29,10 @@ side, the halves of one "x2" word) against the activations reordered the same wa
 weights as the left operand (acc^T = W @ a^T: the weight rows are the matrix units' M side, which
 Hopper's wgmma needs >= 64 of; the decode tables); 0 (experimental, in no table), Triton's
 tl.dot_scaled. Products run in the activation dtype with fp32 accumulation; results are rounded
-where transformers rounds (each projection output, silu, the SwiGLU product, the weighted output). PREFETCH issues the next
-K step's weight loads before the current step's decode and dots (two tiles of bytes in flight per
-program); num_stages > 1 instead lets the compiler stream them through shared memory.
+where transformers rounds (each projection output, silu, the SwiGLU product, the weighted output).
+PREFETCH issues the next K step's loads before the current step's decode and dots (two tiles of
+bytes in flight per program); num_stages > 1 instead lets the compiler stream them through shared
+memory.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ FP4_GROUP = 32  # values per UE8M0 scale
 # Decode (few rows per expert): pair-order word tiles as the left operand (PLANES 4: 64 weight rows
 # are the wgmma M side, the 16-row token tile its N side), codes decoded two per integer op
 # (DECODE "x2"), the next K step's bytes prefetched, 64-column K steps (2-4% faster than 128 at N = 8 to
-# 256); fused MoE at N = 64: 3,410 -> 2,613 us (scripts/gpu/rounds/s3d.tsv, docs/perf/speed-notes.md).
+# 256); fused MoE at N = 64: 3,410 -> 2,531 us (rounds s3a -> s3e, docs/perf/speed-notes.md).
 # Prefill: 128-row tiles, one dot per K step, GROUP_M row tiles sweeping the columns together (L2
 # reuse); gate/up with one warp group (its two accumulators), down with two; DECODE "bf16" (packed
 # bf16 scale products; 2-7% faster than "f16" at N = 8192, bit-identical). sm_100: the sm_90
