@@ -73,6 +73,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         expert_parallel_size=args.expert_parallel_size,
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
+        overlap=False if args.no_overlap else None,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -130,7 +131,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, cache_bytes=args.cache_bytes,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, progress=False, ops_impl=args.ops_impl,
-        kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager)
+        kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager,
+        overlap=False if args.no_overlap else None)
     engine_args["expert_parallel_size"] = args.expert_parallel_size
     if args.expert_parallel_size > 1:
         from flashport.distributed.launch import is_torchrun_worker, run_torchrun_worker
@@ -148,6 +150,8 @@ KV_CACHE_DTYPE_HELP = ("compressed entries and indexer keys: auto = the model dt
 
 
 ENFORCE_EAGER_HELP = "run decode steps eagerly (no CUDA/HIP graph capture and replay)"
+NO_OVERLAP_HELP = ("process each step's tokens before launching the next step (default on a GPU: the next "
+                   "step is launched first, so detokenization and stop checks run while the device works)")
 
 
 EXPERT_PARALLEL_HELP = ("split the routed experts over N GPUs of this host, one process each (rank 0 serves; "
@@ -173,6 +177,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "reference (plain torch), torch, triton")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
+    p.add_argument("--no-overlap", action="store_true", help=NO_OVERLAP_HELP)
     p.add_argument("--expert-parallel-size", type=int, default=1, metavar="N", help=EXPERT_PARALLEL_HELP)
 
 

@@ -22,8 +22,9 @@ class LLM:
     def __init__(self, model: str | Path, *, progress: bool = True, **engine_args: Any) -> None:
         """`engine_args` go to `Engine`: device, dtype, load_format, num_layers, dequantize,
         max_model_len, max_num_seqs, max_num_batched_tokens, block_size, gpu_memory_utilization,
-        cache_bytes, enable_prefix_caching, seed, ops_impl, kv_cache_dtype, expert_parallel_size (the
-        routed experts split over N GPUs, one process each: docs/expert_parallel.md)."""
+        cache_bytes, enable_prefix_caching, seed, ops_impl, kv_cache_dtype, enforce_eager, overlap (launch
+        step t+1 before processing step t; default on a GPU), expert_parallel_size (the routed experts
+        split over N GPUs, one process each: docs/expert_parallel.md)."""
         self.engine = Engine(model, progress=progress, log=print if progress else None, **engine_args)
         self._ids = itertools.count()
 

@@ -74,14 +74,14 @@ def _drive(engine: Engine, graphs: bool) -> tuple[dict[str, list[int]], list[tor
         _padded(engine)
     logits_seen, shapes = [], []
     runner = engine.runner
-    sample = runner._sample
+    sample = runner._launch_sampling
 
     def spy(plan, sampling, logits):
         logits_seen.append(logits.detach().clone())
         shapes.append(runner.graphs.shape_for(plan) if runner.graphs is not None else None)
         return sample(plan, sampling, logits)
 
-    runner._sample = spy
+    runner._launch_sampling = spy
     prompts = _prompts(7, 3, 5, 60) + [_prompts(1, 4, 118, 119)[0]]  # the last one crosses 128 tokens
     joins = {0: [0, 1, 2], 3: [3, 7], 9: [4, 5], 15: [6]}
     done: dict[str, list[int]] = {}

@@ -119,19 +119,21 @@ def _use_variant(monkeypatch, form: str, **over) -> None:
         monkeypatch.setitem(table["interpret"], form, {**table["interpret"][form], **over})
 
 
-@pytest.mark.parametrize("form,planes,prefetch,decode", [
-    ("decode", 8, False, "f32"), ("decode", 2, True, "f16"), ("decode", 1, False, "f32"),
-    ("prefill", 8, True, "f16"), ("prefill", 2, False, "f32"), ("prefill", 1, True, "f32"),
-    ("decode", 4, False, "x2"), ("prefill", 4, False, "f32")])
-def test_fp4_kernel_variants(form: str, planes: int, prefetch: bool, decode: str, monkeypatch) -> None:
+@pytest.mark.parametrize("form,planes,prefetch,decode,one_loop", [
+    ("decode", 8, False, "f32", False), ("decode", 2, True, "f16", False), ("decode", 1, False, "f32", False),
+    ("prefill", 8, True, "f16", False), ("prefill", 2, False, "f32", False), ("prefill", 1, True, "f32", False),
+    ("decode", 4, False, "x2", True), ("decode", 4, True, "x2", False), ("prefill", 4, False, "f32", False)])
+def test_fp4_kernel_variants(form: str, planes: int, prefetch: bool, decode: str, one_loop: bool,
+                             monkeypatch) -> None:
     # The sweep's constexpr variants (word planes, byte planes, interleaved, pair-order word tiles
-    # as the left operand; prefetched K steps or not; codes decoded through fp16 or fp32 bits; "x2"
-    # is the per-code fp16 decode for fp32 activations), both kernels, with a top-k routing of
-    # distinct picks. The interpreter tables' own choices run in the tests above.
+    # as the left operand, gate and up rows in one K loop or two; prefetched K steps or not; codes
+    # decoded through fp16 or fp32 bits; "x2" is the per-code fp16 decode for fp32 activations),
+    # both kernels, with a top-k routing of distinct picks. The interpreter tables' own choices run
+    # in the tests above.
     from flashport.kernels.moe import fused_moe_triton
 
-    _use_variant(monkeypatch, form, PLANES=planes, PREFETCH=prefetch, DECODE=decode)
-    g = torch.Generator().manual_seed(17 + planes + prefetch + len(decode))
+    _use_variant(monkeypatch, form, PLANES=planes, PREFETCH=prefetch, DECODE=decode, ONE_LOOP=one_loop)
+    g = torch.Generator().manual_seed(17 + planes + prefetch + len(decode) + 2 * one_loop)
     n, k = 19, 2
     w13, s13, w2, s2 = _experts(g)
     x = torch.randn(n, H, generator=g)
@@ -355,3 +357,76 @@ def test_input_checks() -> None:
         fused_moe(x, weights, experts, w13, s13, w2, s2, LIMIT, impl="cuda")
 
 
+
+
+# ---------------------------------------------------------------------------- the tiled FP4 layout
+def _tileable_experts(g: torch.Generator, h: int = 128, i: int = 64):
+    def fp4(rows: int, cols: int):
+        packed = torch.randint(0, 256, (E, rows, cols // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+        return packed, torch.randint(123, 127, (E, rows, cols // 32), generator=g, dtype=torch.int32).to(torch.uint8)
+
+    return (*fp4(2 * i, h), *fp4(h, i))
+
+
+def test_tile_fp4_layout_and_round_trip() -> None:
+    from flashport.ops.moe import FP4_TILE, tile_fp4_, untile_fp4
+
+    g = torch.Generator().manual_seed(61)
+    w, s, _, _ = _tileable_experts(g)
+    tw, ts = w.clone(), s.clone()
+    tile_fp4_(tw, ts)
+    C = w.shape[2]
+    e, r, byte = 3, 77, 45  # row 77 = chunk row 1, row 13 in it; byte 45 = chunk column 1, byte 13 in it
+    chunk = (r // FP4_TILE) * (2 * C // FP4_TILE) + byte // 32
+    assert tw[e].view(-1)[chunk * 2048 + (r % 64) * 32 + byte % 32] == w[e, r, byte]
+    grp = 3  # scale group 3 = chunk column 1, group 1 in it
+    assert ts[e].view(-1)[((r // 64) * (2 * C // 64) + grp // 2) * 128 + (r % 64) * 2 + grp % 2] == s[e, r, grp]
+    for k in range(E):
+        back_w, back_s = untile_fp4(tw[k], ts[k])
+        assert torch.equal(back_w, w[k]) and torch.equal(back_s, s[k])
+    assert not torch.equal(tw, w) and tw.shape == w.shape
+    with pytest.raises(ValueError, match="multiples of 64"):
+        tile_fp4_(w[:, :96].clone(), s[:, :96].clone())
+
+
+@pytest.mark.parametrize("form,planes,one_loop", [("decode", 4, True), ("decode", 4, False), ("decode", 8, False),
+                                                  ("prefill", 1, False), ("prefill", 2, False)])
+def test_fp4_kernels_read_the_tiled_layout(form: str, planes: int, one_loop: bool, monkeypatch) -> None:
+    # The engine's layout: kernels on tiled weights == the twin on the row layout (and the twin on
+    # the tiled layout), hash routing with repeats, both forms, the table's and the sweep's tiles.
+    from flashport.kernels.moe import fused_moe_triton
+    from flashport.ops.moe import tile_fp4_
+
+    _use_variant(monkeypatch, form, PLANES=planes, ONE_LOOP=one_loop, PREFETCH=planes != 2,
+                 DECODE="x2" if planes == 4 else "f32")
+    g = torch.Generator().manual_seed(70 + planes + one_loop)
+    w13, s13, w2, s2 = _tileable_experts(g)
+    n = 11
+    x = torch.randn(n, 128, generator=g)
+    experts = _hash_routing(g, n, 3)
+    weights = torch.rand(n, 3, generator=g)
+    ref = fused_moe_torch(x, weights, experts, w13, s13, w2, s2, LIMIT)
+    tiled = [t.clone() for t in (w13, s13, w2, s2)]
+    tile_fp4_(tiled[0], tiled[1])
+    tile_fp4_(tiled[2], tiled[3])
+    got = fused_moe_triton(x, weights, experts, *tiled, LIMIT, form=form, tiled=True)
+    _close(got, ref)
+    assert torch.equal(fused_moe_torch(x, weights, experts, *tiled, LIMIT, tiled=True), ref)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        fused_moe_triton(x[:, :96].contiguous(), weights, experts, w13[:, :, :48].contiguous(),
+                         s13[:, :, :3].contiguous(), w2, s2, LIMIT, tiled=True)
+
+
+def test_expert_weight_tiles_for_the_kernels() -> None:
+    # ExpertWeight.tile_for_kernels: dense() (the reference path) is unchanged by the layout.
+    from flashport.model.moe import ExpertWeight
+
+    g = torch.Generator().manual_seed(62)
+    w = ExpertWeight(E, 128, 128, torch.float32, "fp4", None, torch.float8_e4m3fn)
+    w.weight.copy_(torch.randint(0, 256, w.weight.shape, generator=g, dtype=torch.int32).to(torch.uint8))
+    w.scale.copy_(torch.randint(122, 126, w.scale.shape, generator=g, dtype=torch.int32).to(torch.uint8))
+    before = [w.dense(e, torch.float32) for e in range(E)]
+    assert w.tile_for_kernels() and w.tiled and w.tile_for_kernels()  # once; a second call is a no-op
+    assert all(torch.equal(w.dense(e, torch.float32), d) for e, d in enumerate(before))
+    odd = ExpertWeight(E, 96, 128, torch.float32, "fp4", None, torch.float8_e4m3fn)
+    assert not odd.tile_for_kernels() and not odd.tiled  # 96 rows: stays in the row layout

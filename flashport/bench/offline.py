@@ -136,20 +136,22 @@ def memory_report(engine, peak_allocated: int | None = None) -> dict:
 
 
 class _PlanTap:
-    """Wraps engine.runner.execute to see each step's plan (which sequences, which tokens)."""
+    """Wraps engine.runner.collect to see the plan of each step whose result came back (which
+    sequences, which tokens). With the engine's overlap that is the step launched by the call
+    before: a call's time is then the device's time for that step."""
 
     def __init__(self, engine) -> None:
         self.runner = engine.runner
-        self.inner = engine.runner.execute
+        self.inner = engine.runner.collect
         self.last: list[tuple[str, int, int]] = []  # (request id, new tokens, context after)
-        engine.runner.execute = self  # instance attribute: this engine only
+        engine.runner.collect = self  # instance attribute: this engine only
 
-    def __call__(self, plan, sampling):
-        self.last = [(s.request_id, len(s.token_ids), s.start_pos + len(s.token_ids)) for s in plan.seqs]
-        return self.inner(plan, sampling)
+    def __call__(self, pending):
+        self.last = [(s.request_id, len(s.token_ids), s.start_pos + len(s.token_ids)) for s in pending.plan.seqs]
+        return self.inner(pending)
 
     def close(self) -> None:
-        self.runner.execute = self.inner
+        self.runner.collect = self.inner
 
 
 @dataclass
@@ -191,6 +193,8 @@ def run_requests(engine, requests: list[BenchRequest], concurrency: int, *, labe
     steps: list[StepLog] = []
     truncated = False
     prompt0 = engine.num_prompt_tokens_computed
+    overlap = getattr(engine, "overlap", False)
+    t_prev: float | None = None
     start = time.perf_counter()
     bar = tqdm(total=len(requests), desc=label, disable=not progress, mininterval=2.0)
     try:
@@ -210,8 +214,11 @@ def run_requests(engine, requests: list[BenchRequest], concurrency: int, *, labe
                 inflight.add(rid)
             t0 = time.perf_counter()
             outs = engine.step()
-            _sync(engine)
-            t1 = time.perf_counter()
+            if overlap:  # the step collected now ran on the device since the previous call's launch
+                t0 = t_prev if t_prev is not None else t0
+            else:
+                _sync(engine)
+            t1 = t_prev = time.perf_counter()
             plan = tap.last
             tap.last = []
             if plan:

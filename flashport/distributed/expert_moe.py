@@ -87,8 +87,10 @@ def local_pairs_triton(x: torch.Tensor, weights: torch.Tensor, local_ids: torch.
     ids = torch.where(held, local_ids, E_local)
     order, offsets = moe_route(ids, E_local)
     form = moe_form(x)
-    h = moe_gate_up(x.contiguous(), order, offsets, ids.shape[1], w13.weight, w13.scale, limit, form)
-    pairs = moe_down(h, order, offsets, weights.reshape(-1).contiguous(), w2.weight, w2.scale, form)
+    h = moe_gate_up(x.contiguous(), order, offsets, ids.shape[1], w13.weight, w13.scale, limit, form,
+                    tiled=w13.tiled)
+    pairs = moe_down(h, order, offsets, weights.reshape(-1).contiguous(), w2.weight, w2.scale, form,
+                     tiled=w2.tiled)
     return pairs.masked_fill_(~held.reshape(-1, 1), 0)
 
 

@@ -2,6 +2,18 @@
 
     step() = schedule -> execute -> update
 
+With `overlap` (the default on a GPU) a step's device work runs while the host processes the
+step before it:
+
+    step() = collect(t) -> scheduler.update(t) -> schedule(t+1) -> launch(t+1)
+             -> detokenize, stop checks and outputs of t (the device is running t+1)
+
+so the outputs a call returns are those of the step launched by the call before, and a sequence
+that stops on EOS, a stop token or a stop string at step t has one more token computed at t+1,
+which is dropped (the scheduler frees it when the engine finishes it; `update` skips it).
+Only the scheduler's update, the scheduling and the input build of t+1 are left between the
+device's steps.
+
 The scheduler plans (pure Python), the runner runs the model over the state pools and samples
 on the device, and the engine applies what needs text: detokenization, stop strings, EOS and
 stop tokens. A request with `n > 1` runs as n sequences that share the prompt's cached blocks
@@ -23,7 +35,7 @@ from flashport.engine.memory import CapacityReport, plan_cache
 from flashport.engine.plan import SchedulerOutput, StepResult
 from flashport.engine.pools import StatePools, check_block_size, default_block_size
 from flashport.engine.request import Request, RequestStatus
-from flashport.engine.runner import ModelRunner, SeqSampling
+from flashport.engine.runner import ModelRunner, PendingStep, SeqSampling
 from flashport.engine.scheduler import Scheduler
 from flashport.errors import FlashportError, RequestError
 from flashport.model.layers import REFERENCE
@@ -60,6 +72,7 @@ class _Group:
     seqs: list[_Sequence]
     prompt_logprobs: list[Logprobs | None] | None = None
     deferred: list[Request] = field(default_factory=list)  # samples 2..n, added once the prompt is cached
+    prompt_out: list[int] | None = None  # the prompt ids every output of this request carries (one copy)
 
     @property
     def finished(self) -> bool:
@@ -74,11 +87,11 @@ class Engine:
                  enable_prefix_caching: bool = True, seed: int = 0, progress: bool = True,
                  ops_impl: str = "auto", kv_cache_dtype: str = "auto", enforce_eager: bool = False,
                  log: Callable[[str], None] | None = print, expert_parallel_size: int = 1,
-                 parallel: Any = None) -> None:
+                 parallel: Any = None, overlap: bool | None = None) -> None:
         # Expert parallelism (flashport.distributed): the routed experts split over N ranks, one per
         # GPU. Rank 0 (this process) starts ranks 1..N-1 with these same arguments (`parallel` is
         # their joined group); they run every step rank 0 schedules.
-        engine_args = {k: v for k, v in locals().items() if k not in ("self", "log", "progress", "parallel")}
+        engine_args = {k: v for k, v in locals().items() if k not in ("self", "log", "progress", "parallel", "overlap")}
         self.platform = detect_platform(None if device == "auto" else device)
         self.device = torch.device("cpu" if self.platform.backend == "cpu" else "cuda")
         self.parallel = parallel
@@ -128,6 +141,10 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self._rng = random.Random(seed)
+        # Overlap (module docstring): on by default where the device runs asynchronously (a GPU),
+        # never with expert parallelism (its ranks step in lockstep through runner.execute).
+        self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and self.parallel is None
+        self._inflight: PendingStep | None = None  # launched, not collected (overlap only)
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (prefix hits excluded)
         self.num_steps = 0
         self._groups: dict[str, _Group] = {}
@@ -157,7 +174,8 @@ class Engine:
         return self.capacity
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups) or (self.parallel is not None and self.parallel.has_remote_requests())
+        return (bool(self._groups) or self._inflight is not None
+                or (self.parallel is not None and self.parallel.has_remote_requests()))
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if self.parallel is not None and self.parallel.place_request(self, request_id, prompt, params):
@@ -206,6 +224,11 @@ class Engine:
         """One engine step; returns the current output of every request that progressed."""
         if self.parallel is not None and self.parallel.data_parallel:  # each rank steps its own requests
             return self.parallel.data_parallel_step(self)
+        if self.overlap:
+            return self._overlapped_step()
+        if self._inflight is not None:  # overlap was switched off: this call finishes the step in flight
+            prev, self._inflight = self._inflight, None
+            return self._apply_result(prev.plan, self.runner.collect(prev))
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -216,6 +239,20 @@ class Engine:
             result = self.parallel.execute(self.runner, plan, sampling)
         return self._apply_result(plan, result)
 
+    def _overlapped_step(self) -> list[RequestOutput]:
+        """Collect step t, launch step t+1, then process t while the device runs t+1."""
+        prev, self._inflight = self._inflight, None
+        finished: list[Request] = []
+        if prev is not None:
+            result = self.runner.collect(prev)
+            finished = self.scheduler.update(prev.plan, result)
+        plan = self.scheduler.schedule()
+        if not plan.is_empty:
+            self._inflight = self.runner.launch(plan, self._begin_step(plan))
+        if prev is None:
+            return []
+        return self._apply_result(prev.plan, result, finished)
+
     def _begin_step(self, plan: SchedulerOutput) -> dict[str, SeqSampling]:
         """Count the step and its prompt tokens; -> the sampling state of the plan's sequences."""
         self.num_steps += 1
@@ -224,18 +261,27 @@ class Engine:
             self.num_prompt_tokens_computed += max(0, min(s.start_pos + len(s.token_ids), num_prompt) - s.start_pos)
         return {s.request_id: self._seqs[s.request_id].sampling for s in plan.seqs}
 
-    def _apply_result(self, plan: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
-        """Scheduler update, detokenization and stop checks of a step's result; -> the outputs."""
-        finished_by_length = {r.request_id for r in self.scheduler.update(plan, result)}
+    def _apply_result(self, plan: SchedulerOutput, result: StepResult,
+                      finished: list[Request] | None = None) -> list[RequestOutput]:
+        """Scheduler update (unless done: `finished` is its return), detokenization and stop checks
+        of a step's result; -> the outputs. A request aborted, or a sequence finished, since the
+        step was launched (overlap) has its entries dropped."""
+        if finished is None:
+            finished = self.scheduler.update(plan, result)
+        finished_by_length = {r.request_id for r in finished}
         touched: dict[str, _Group] = {}
         for rid, (first, rows) in result.prompt_logprobs.items():
-            group = self._seq_group[rid]
+            group = self._seq_group.get(rid)
+            if group is None:
+                continue
             # A chunk recomputed after a preemption may repeat entries: keep the first value.
             assert first <= len(group.prompt_logprobs), (rid, first)
             group.prompt_logprobs += rows[len(group.prompt_logprobs) - first:]
             touched[group.request_id] = group
         for rid, tok in result.sampled.items():
-            group, seq = self._seq_group[rid], self._seqs[rid]
+            group, seq = self._seq_group.get(rid), self._seqs.get(rid)
+            if group is None or seq.finish_reason is not None:
+                continue
             if seq.logprobs is not None:
                 seq.logprobs.append(result.logprobs[rid])
             self._on_token(seq, tok, rid in finished_by_length)
@@ -307,5 +353,7 @@ class Engine:
         outs = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.sampling.output_ids),
                                  finish_reason=s.finish_reason, logprobs=s.logprobs, stop_reason=s.stop_reason)
                 for s in group.seqs]
-        return RequestOutput(request_id=group.request_id, prompt=group.prompt, prompt_token_ids=list(group.prompt_ids),
+        if group.prompt_out is None:  # copied once, not per step (8K-token prompts x 64 requests per step)
+            group.prompt_out = list(group.prompt_ids)
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_out,
                              prompt_logprobs=group.prompt_logprobs, outputs=outs, finished=group.finished)

@@ -161,10 +161,13 @@ class DecodeGraphs:
     def _upload(self, b: _Bucket, lists: list[list[int]]) -> None:
         if b.copied is not None:
             b.copied.synchronize()  # the previous step's copy out of `host` is done
-        flat = [v for x in lists for v in x]
-        if len(flat) != b.host.numel():
-            raise AssertionError(f"padded inputs: {len(flat)} values for a {b.host.numel()}-value buffer")
-        b.host.numpy()[:] = flat
+        sizes = [len(x) for x in lists]
+        if sizes != b.sizes:
+            raise AssertionError(f"padded inputs: pieces of {sizes} values for a buffer of {b.sizes}")
+        host, at = b.host.numpy(), 0
+        for x, n in zip(lists, sizes):  # piece by piece: numpy converts each list in C
+            host[at:at + n] = x
+            at += n
         b.dev.copy_(b.host, non_blocking=True)
         if b.dev.is_cuda:
             if b.copied is None:

@@ -79,11 +79,12 @@ def moe_form(x: torch.Tensor) -> str:
 
 def fused_moe_triton(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
                      w13_scale: torch.Tensor | None, w2: torch.Tensor, w2_scale: torch.Tensor | None,
-                     limit: float, form: str | None = None) -> torch.Tensor:
+                     limit: float, form: str | None = None, tiled: bool = False) -> torch.Tensor:
     """x [N, H], routing weights / expert ids [N, k] -> sum over picks of weight * expert(x), [N, H].
 
     w13: FP4 uint8 [E, 2I, H/2] + uint8 scales [E, 2I, H/32], or plain [E, 2I, H] with scale None
-    (gate rows then up rows); w2 likewise [E, H, I/2] + [E, H, I/32], or [E, H, I]."""
+    (gate rows then up rows); w2 likewise [E, H, I/2] + [E, H, I/32], or [E, H, I]. tiled: FP4 in
+    the tiled layout (flashport.ops.moe.FP4_TILE; the layout the engine's kernels read)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [N, H], got {tuple(x.shape)}")
     if experts.dim() != 2 or experts.shape[0] != x.shape[0] or experts.dtype not in (torch.int32, torch.int64):
@@ -99,8 +100,8 @@ def fused_moe_triton(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tens
         return x.new_empty((0, w2.shape[1]))
     form = form or moe_form(x)
     order, offsets = moe_route(experts, w13.shape[0])
-    h = moe_gate_up(x, order, offsets, top_k, w13, w13_scale, limit, form)
-    pairs = moe_down(h, order, offsets, weights.reshape(-1), w2, w2_scale, form)
+    h = moe_gate_up(x, order, offsets, top_k, w13, w13_scale, limit, form, tiled=tiled)
+    pairs = moe_down(h, order, offsets, weights.reshape(-1), w2, w2_scale, form, tiled=tiled)
     return moe_sum(pairs, top_k)
 
 

@@ -52,12 +52,17 @@ FP4_GROUP = 32  # values per UE8M0 scale
 # are the wgmma M side, the 16-row token tile its N side), codes decoded two per integer op
 # (DECODE "x2"), the next K step's bytes prefetched, 64-column K steps (2-4% faster than 128 at N = 8 to
 # 256); fused MoE at N = 64: 3,410 -> 2,531 us (rounds s3a -> s3e, docs/perf/speed-notes.md).
+# Session 4: the FP4 weights in the tiled layout (flashport/ops/moe.py FP4_TILE; Nsight Compute had
+# the decode kernels at 88-91% of L1/TEX throughput, 16% of DRAM, from 64 scattered 32-byte row
+# pieces per K step) and gate/up in one K loop (ONE_LOOP; 1,370 -> 1,268 us at N = 64 on the tiled
+# layout, 2% slower on the row layout): fused N = 64 2,574 -> 1,938 us (graph); the prefill kernels
+# on the tiled layout 11% slower (N = 8192 12.3 -> 13.6 ms; no better tile in round s4f).
 # Prefill: 128-row tiles, one dot per K step, GROUP_M row tiles sweeping the columns together (L2
 # reuse); gate/up with one warp group (its two accumulators), down with two; DECODE "bf16" (packed
 # bf16 scale products; 2-7% faster than "f16" at N = 8192, bit-identical). sm_100: the sm_90
 # entries (not measured).
 _GU_DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, PLANES=4, PREFETCH=True, DECODE="x2",
-                  num_warps=4, num_stages=1)
+                  ONE_LOOP=True, num_warps=4, num_stages=1)
 _GU_PREFILL = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, PLANES=1, PREFETCH=False, DECODE="bf16",
                    num_warps=4, num_stages=3)
 _DOWN_DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, PLANES=4, PREFETCH=True, DECODE="x2",
@@ -79,16 +84,19 @@ def _table(decode: dict, prefill: dict, interpret: dict) -> dict[str, dict[str, 
 # The decode entry has the GPU's structure (pair-order word tiles, left operand, prefetch; "x2" is the
 # per-code fp16 decode for the tests' fp32 activations); tests/test_kernels_moe.py runs every variant.
 _GU_INTERPRET = {"decode": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, PLANES=4, PREFETCH=True,
-                                DECODE="x2", num_warps=4, num_stages=1),
+                                DECODE="x2", ONE_LOOP=True, num_warps=4, num_stages=1),
                  "prefill": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, PLANES=1, PREFETCH=False,
                                  DECODE="f16", num_warps=4, num_stages=1)}
-_DOWN_INTERPRET = {form: {**c, "BLOCK_N": 64, "BLOCK_K": 32} for form, c in _GU_INTERPRET.items()}
+_DOWN_INTERPRET = {form: {k: v for k, v in {**c, "BLOCK_N": 64, "BLOCK_K": 32}.items() if k != "ONE_LOOP"}
+                   for form, c in _GU_INTERPRET.items()}
 # Config per target and form, one table per kernel (sm_90: see scripts/gpu/bench_moe.py --sweep).
 GATE_UP_CONFIGS: dict[str, dict[str, dict]] = _table(_GU_DECODE, _GU_PREFILL, _GU_INTERPRET)
 DOWN_CONFIGS: dict[str, dict[str, dict]] = _table(_DOWN_DECODE, _DOWN_PREFILL, _DOWN_INTERPRET)
 FORMS = ("decode", "prefill")
-# constexprs; the rest: launch options
+# constexprs; the rest: launch options. ONE_LOOP (gate/up only; off when absent): the gate and up
+# rows of a PLANES 4 tile in one K loop sharing the activation tile (_fp4_gemm_pair).
 _META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PLANES", "PREFETCH", "DECODE")
+_GU_META = ("ONE_LOOP",)
 
 
 @triton.jit
@@ -148,13 +156,23 @@ def _load_w(w_ptr, n, n_ok, stride_wn, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K: tl.constexpr):
+def _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K: tl.constexpr,
+              TILED: tl.constexpr = False):
     # FP4 tile of output rows n [BLOCK_N] at input columns k0 .. k0 + BLOCK_K (k0 % 32 == 0):
     # bytes [BLOCK_N, G, 16] (BLOCK_K / 2 contiguous bytes of each row; G = BLOCK_K / 32 scale
     # groups) and their scale bytes [BLOCK_N, G, 1]. Groups past K load as code 0 (the value 0).
+    # TILED: the chunked layout of _fp4_load_words.
     G: tl.constexpr = BLOCK_K // 32
     g = k0 // 32 + tl.arange(0, G)  # [G] scale group of each 16-byte run
     ok = n_ok[:, None, None] & (g < K // 32)[None, :, None]
+    if TILED:
+        nn = n[:, None, None]
+        g3 = g[None, :, None]
+        chunk = (nn // 64) * (K // 64) + g3 // 2  # [BN, G, 1]
+        b = tl.load(w_ptr + chunk * 2048 + (nn % 64) * 32 + 16 * (g3 % 2) + tl.arange(0, 16)[None, None, :],
+                    mask=ok, other=0)
+        s = tl.load(s_ptr + chunk * 128 + (nn % 64) * 2 + g3 % 2, mask=ok, other=127)
+        return b, s
     n3 = n[:, None, None] * stride_wn
     b = tl.load(w_ptr + n3 + (16 * g)[None, :, None] + tl.arange(0, 16)[None, None, :], mask=ok, other=0)
     s = tl.load(s_ptr + n[:, None, None] * stride_sn + g[None, :, None], mask=ok, other=127)
@@ -240,13 +258,25 @@ def _fp4_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K: tl.constexpr, PLANES: tl
 
 
 @triton.jit
-def _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K: tl.constexpr):
+def _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K: tl.constexpr,
+                    TILED: tl.constexpr = False):
     # As _fp4_load, in 32-bit words (8 codes each, a quarter of the registers of bytes):
     # words [BLOCK_N, G, 4] of input columns k0 .. k0 + BLOCK_K and scales [BLOCK_N, G, 1].
+    # TILED: the expert's matrix stored in 64-row x 64-column chunks (tiled_fp4: chunk (r, c) =
+    # rows 64r.., columns 64c.. = 64 x 32 contiguous bytes, its scales 64 x 2 contiguous bytes), so
+    # a 64-row K step is one contiguous run instead of 64 runs of 32 bytes 2 KB apart.
     G: tl.constexpr = BLOCK_K // 32
     g = k0 // 32 + tl.arange(0, G)
     ok = n_ok[:, None, None] & (g < K // 32)[None, :, None]
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    if TILED:
+        nn = n[:, None, None]
+        g3 = g[None, :, None]
+        chunk = (nn // 64) * (K // 64) + g3 // 2  # [BN, G, 1]
+        b = tl.load(w32 + chunk * 512 + (nn % 64) * 8 + 4 * (g3 % 2) + tl.arange(0, 4)[None, None, :], mask=ok,
+                    other=0)
+        s = tl.load(s_ptr + chunk * 128 + (nn % 64) * 2 + g3 % 2, mask=ok, other=127)
+        return b, s
     n3 = n[:, None, None] * tl.multiple_of(stride_wn // 4, 4)  # K / 2 bytes a row, K % 32 == 0
     b = tl.load(w32 + n3 + (4 * g)[None, :, None] + tl.arange(0, 4)[None, None, :], mask=ok, other=0)
     s = tl.load(s_ptr + n[:, None, None] * stride_sn + g[None, :, None], mask=ok, other=127)
@@ -358,11 +388,13 @@ def _fp4_dot_scaled(acc, a_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, strid
 
 @triton.jit
 def _fp4_gemm(acc, a_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, K,
-              BLOCK_K: tl.constexpr, PLANES: tl.constexpr, PREFETCH: tl.constexpr, DECODE: tl.constexpr):
+              BLOCK_K: tl.constexpr, PLANES: tl.constexpr, PREFETCH: tl.constexpr, DECODE: tl.constexpr,
+              TILED: tl.constexpr = False):
     # acc [BM, BN] += a[rows, :K] @ W[n, :K]^T over every K step (FP4 W, K % 32 == 0).
     # PLANES: 1 or 2 (byte tiles, see _fp4_mma), 8 (32-bit word tiles, see _fp4_words_mma), 0
     # (experimental: tl.dot_scaled, see _fp4_dot_scaled).
     if PLANES == 0:
+        tl.static_assert(not TILED, "PLANES 0 (tl.dot_scaled) reads the row layout only")
         for k0 in range(0, K, BLOCK_K):
             acc = _fp4_dot_scaled(acc, a_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K)
     elif PLANES == 4:
@@ -375,43 +407,70 @@ def _fp4_gemm(acc, a_rows, row_ok, w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 
         dt: tl.constexpr = a_rows.dtype.element_ty
         acc_t = tl.zeros((acc.shape[1], acc.shape[0]), dtype=tl.float32)
         if PREFETCH:
-            b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K)
+            b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K, TILED)
             a_t = _load_pair_cols_t(a_rows, row_ok, 0, K, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             if PREFETCH:
                 b_now, s_now, a_now = b, s, a_t
-                b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0 + BLOCK_K, K, BLOCK_K)
+                b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0 + BLOCK_K, K, BLOCK_K, TILED)
                 a_t = _load_pair_cols_t(a_rows, row_ok, k0 + BLOCK_K, K, BLOCK_K)
             else:
-                b_now, s_now = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K)
+                b_now, s_now = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K, TILED)
                 a_now = _load_pair_cols_t(a_rows, row_ok, k0, K, BLOCK_K)
             w = _fp4_words_unpack(b_now, s_now, dt, DECODE)  # [BN, BLOCK_K]
             acc_t = _mma(acc_t, w, a_now)  # += W [BN, BLOCK_K] @ a^T [BLOCK_K, BM]
         acc += tl.trans(acc_t)
     elif PLANES == 8:
         if PREFETCH:
-            b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K)
+            b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K, TILED)
             for k0 in range(0, K, BLOCK_K):
                 b_next, s_next = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0 + BLOCK_K, K,
-                                                 BLOCK_K)
+                                                 BLOCK_K, TILED)
                 acc = _fp4_words_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K, DECODE)
                 b, s = b_next, s_next
         else:
             for k0 in range(0, K, BLOCK_K):
-                b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K)
+                b, s = _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K, TILED)
                 acc = _fp4_words_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K, DECODE)
     elif PREFETCH:
-        b, s = _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K)
+        b, s = _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K, TILED)
         for k0 in range(0, K, BLOCK_K):
             # Issue the next step's loads (all masked off past K) before this step's work.
-            b_next, s_next = _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0 + BLOCK_K, K, BLOCK_K)
+            b_next, s_next = _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0 + BLOCK_K, K, BLOCK_K, TILED)
             acc = _fp4_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K, PLANES, DECODE)
             b, s = b_next, s_next
     else:
         for k0 in range(0, K, BLOCK_K):
-            b, s = _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K)
+            b, s = _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K, TILED)
             acc = _fp4_mma(acc, a_rows, row_ok, k0, K, b, s, BLOCK_K, PLANES, DECODE)
     return acc
+
+
+@triton.jit
+def _fp4_gemm_pair(acc_g, acc_u, a_rows, row_ok, w_ptr, s_ptr, n_g, n_u, n_ok, stride_wn, stride_sn, K,
+                   BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, DECODE: tl.constexpr, TILED: tl.constexpr):
+    # PLANES 4 (see _fp4_gemm) for the gate rows n_g and the up rows n_u in ONE K loop: each
+    # activation tile is loaded once for both, and each K step has both weight tiles in flight.
+    dt: tl.constexpr = a_rows.dtype.element_ty
+    g_t = tl.zeros((acc_g.shape[1], acc_g.shape[0]), dtype=tl.float32)
+    u_t = tl.zeros((acc_u.shape[1], acc_u.shape[0]), dtype=tl.float32)
+    if PREFETCH:
+        bg, sg = _fp4_load_words(w_ptr, s_ptr, n_g, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K, TILED)
+        bu, su = _fp4_load_words(w_ptr, s_ptr, n_u, n_ok, stride_wn, stride_sn, 0, K, BLOCK_K, TILED)
+        a_t = _load_pair_cols_t(a_rows, row_ok, 0, K, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        if PREFETCH:
+            bg_now, sg_now, bu_now, su_now, a_now = bg, sg, bu, su, a_t
+            bg, sg = _fp4_load_words(w_ptr, s_ptr, n_g, n_ok, stride_wn, stride_sn, k0 + BLOCK_K, K, BLOCK_K, TILED)
+            bu, su = _fp4_load_words(w_ptr, s_ptr, n_u, n_ok, stride_wn, stride_sn, k0 + BLOCK_K, K, BLOCK_K, TILED)
+            a_t = _load_pair_cols_t(a_rows, row_ok, k0 + BLOCK_K, K, BLOCK_K)
+        else:
+            bg_now, sg_now = _fp4_load_words(w_ptr, s_ptr, n_g, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K, TILED)
+            bu_now, su_now = _fp4_load_words(w_ptr, s_ptr, n_u, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K, TILED)
+            a_now = _load_pair_cols_t(a_rows, row_ok, k0, K, BLOCK_K)
+        g_t = _mma(g_t, _fp4_words_unpack(bg_now, sg_now, dt, DECODE), a_now)
+        u_t = _mma(u_t, _fp4_words_unpack(bu_now, su_now, dt, DECODE), a_now)
+    return acc_g + tl.trans(g_t), acc_u + tl.trans(u_t)
 
 
 @triton.jit(do_not_specialize=["max_tiles"])
@@ -426,6 +485,7 @@ def _moe_gate_up_kernel(
     stride_we, stride_wn, stride_se, stride_sn,
     W_FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PLANES: tl.constexpr, PREFETCH: tl.constexpr, DECODE: tl.constexpr, BLOCK_E: tl.constexpr,
+    ONE_LOOP: tl.constexpr, TILED: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K % 32 == 0)  # whole 1x32 scale groups per K step
     pid_m, pid_n = _tile_ids(max_tiles, I, BLOCK_N, GROUP_M)
@@ -442,11 +502,14 @@ def _moe_gate_up_kernel(
     s_e = s_ptr + expert.to(tl.int64) * stride_se
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if W_FP4:
+    if W_FP4 and ONE_LOOP and PLANES == 4:  # gate and up rows in one K loop (_fp4_gemm_pair)
+        acc_g, acc_u = _fp4_gemm_pair(acc_g, acc_u, x_rows, row_ok, w_e, s_e, cols, cols + I, col_ok, stride_wn,
+                                      stride_sn, H, BLOCK_K, PREFETCH, DECODE, TILED)
+    elif W_FP4:
         acc_g = _fp4_gemm(acc_g, x_rows, row_ok, w_e, s_e, cols, col_ok, stride_wn, stride_sn, H, BLOCK_K,
-                          PLANES, PREFETCH, DECODE)
+                          PLANES, PREFETCH, DECODE, TILED)
         acc_u = _fp4_gemm(acc_u, x_rows, row_ok, w_e, s_e, cols + I, col_ok, stride_wn, stride_sn, H, BLOCK_K,
-                          PLANES, PREFETCH, DECODE)
+                          PLANES, PREFETCH, DECODE, TILED)
     else:
         for k0 in range(0, H, BLOCK_K):
             a = _load_a(x_rows, row_ok, k0, H, BLOCK_K, 1)
@@ -475,6 +538,7 @@ def _moe_down_kernel(
     stride_we, stride_wn, stride_se, stride_sn,
     W_FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PLANES: tl.constexpr, PREFETCH: tl.constexpr, DECODE: tl.constexpr, BLOCK_E: tl.constexpr,
+    TILED: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K % 32 == 0)
     pid_m, pid_n = _tile_ids(max_tiles, H, BLOCK_N, GROUP_M)
@@ -492,7 +556,7 @@ def _moe_down_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if W_FP4:
         acc = _fp4_gemm(acc, h_rows, row_ok, w_e, s_e, cols, col_ok, stride_wn, stride_sn, I, BLOCK_K, PLANES,
-                        PREFETCH, DECODE)
+                        PREFETCH, DECODE, TILED)
     else:
         for k0 in range(0, I, BLOCK_K):
             acc = _mma(acc, _load_a(h_rows, row_ok, k0, I, BLOCK_K, 1), _load_w(w_e, cols, col_ok, stride_wn, k0, I,
@@ -514,8 +578,12 @@ def config(t: torch.Tensor, table: dict[str, dict[str, dict]], form: str) -> dic
     return table[target_of(t)][form]
 
 
-def _check_weight(name: str, w: torch.Tensor, scale: torch.Tensor | None, E: int, rows: int, cols: int) -> bool:
+def _check_weight(name: str, w: torch.Tensor, scale: torch.Tensor | None, E: int, rows: int, cols: int,
+                  tiled: bool = False) -> bool:
     # -> whether the weight is FP4. Raises ValueError naming the tensor on any mismatch.
+    if tiled and (rows % 64 or cols % 64):
+        raise ValueError(f"{name}: the tiled FP4 layout needs rows and input columns in multiples of 64, "
+                         f"got [{rows}, {cols}]")
     if scale is None:
         if w.dtype not in (torch.float32, torch.float16, torch.bfloat16) or tuple(w.shape) != (E, rows, cols):
             raise ValueError(f"{name}: plain expert weights must be float [{E}, {rows}, {cols}], "
@@ -544,18 +612,20 @@ def _check_route(order: torch.Tensor, offsets: torch.Tensor, M: int, E: int) -> 
 
 
 def _launch_options(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in _META}
+    return {k: v for k, v in cfg.items() if k not in _META and k not in _GU_META}
 
 
 def moe_gate_up(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int, w13: torch.Tensor,
-                w13_scale: torch.Tensor | None, limit: float, form: str, cfg: dict | None = None) -> torch.Tensor:
-    """x [N, H], order [N*k] int64, offsets [E+1] int32 -> h [N*k, I] in sorted order (clamped SwiGLU applied)."""
+                w13_scale: torch.Tensor | None, limit: float, form: str, cfg: dict | None = None,
+                tiled: bool = False) -> torch.Tensor:
+    """x [N, H], order [N*k] int64, offsets [E+1] int32 -> h [N*k, I] in sorted order (clamped SwiGLU applied).
+    tiled: FP4 weights in the tiled layout (flashport.ops.moe.FP4_TILE)."""
     if x.dim() != 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous float [N, H], got {x.dtype} {tuple(x.shape)}")
     N, H = x.shape
     E, two_i = w13.shape[0], w13.shape[1]
     I = two_i // 2
-    fp4 = _check_weight("w13", w13, w13_scale, E, 2 * I, H)
+    fp4 = _check_weight("w13", w13, w13_scale, E, 2 * I, H, tiled)
     M = N * top_k
     _check_route(order, offsets, M, E)
     cfg = cfg or config(x, GATE_UP_CONFIGS, form)
@@ -566,16 +636,18 @@ def moe_gate_up(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top
     _moe_gate_up_kernel[grid](
         x, order, offsets, w13, scale, h, E, H, I, top_k, tiles, float(limit),
         w13.stride(0), w13.stride(1), scale.stride(0), scale.stride(1),
-        W_FP4=fp4, BLOCK_E=triton.next_power_of_2(E), **{k: cfg[k] for k in _META}, **_launch_options(cfg))
+        W_FP4=fp4, BLOCK_E=triton.next_power_of_2(E), ONE_LOOP=cfg.get("ONE_LOOP", False),
+        TILED=tiled and fp4, **{k: cfg[k] for k in _META}, **_launch_options(cfg))
     return h
 
 
 def moe_down(h: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, pair_weights: torch.Tensor,
-             w2: torch.Tensor, w2_scale: torch.Tensor | None, form: str, cfg: dict | None = None) -> torch.Tensor:
+             w2: torch.Tensor, w2_scale: torch.Tensor | None, form: str, cfg: dict | None = None,
+             tiled: bool = False) -> torch.Tensor:
     """h [M, I] sorted, pair_weights [M] pair order -> weighted pair outputs [M, H] in pair order."""
     M, I = h.shape
     E, H = w2.shape[0], w2.shape[1]
-    fp4 = _check_weight("w2", w2, w2_scale, E, H, I)
+    fp4 = _check_weight("w2", w2, w2_scale, E, H, I, tiled)
     _check_route(order, offsets, M, E)
     if pair_weights.shape != (M,) or pair_weights.dtype != h.dtype or not h.is_contiguous():
         raise ValueError(f"pair_weights must be {h.dtype} [{M}] and h contiguous, "
@@ -588,7 +660,8 @@ def moe_down(h: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, pair_w
     _moe_down_kernel[grid](
         h, order, offsets, pair_weights, w2, scale, out, E, H, I, tiles,
         w2.stride(0), w2.stride(1), scale.stride(0), scale.stride(1),
-        W_FP4=fp4, BLOCK_E=triton.next_power_of_2(E), **{k: cfg[k] for k in _META}, **_launch_options(cfg))
+        W_FP4=fp4, BLOCK_E=triton.next_power_of_2(E), TILED=tiled and fp4, **{k: cfg[k] for k in _META},
+        **_launch_options(cfg))
     return out
 
 
@@ -607,9 +680,14 @@ def _aot_specs() -> tuple[AotSpec, ...]:
         for name, fn, sig, table in (("moe_gate_up", _moe_gate_up_kernel, gate_up, GATE_UP_CONFIGS),
                                      ("moe_down", _moe_down_kernel, down, DOWN_CONFIGS)):
             for form in FORMS:
-                consts = {t: {"W_FP4": fp4, "BLOCK_E": 256, **{k: table[t][form][k] for k in _META}} for t in TARGETS}
+                extra = ("ONE_LOOP", "TILED") if name == "moe_gate_up" else ("TILED",)
+                # TILED: the engine's FP4 layout (flashport.ops.moe.FP4_TILE); plain weights are never tiled.
+                consts = {t: {"W_FP4": fp4, "BLOCK_E": 256, **{k: table[t][form][k] for k in _META},
+                              "ONE_LOOP": table[t][form].get("ONE_LOOP", False), "TILED": fp4} for t in TARGETS}
                 opts = {t: _launch_options(table[t][form]) for t in TARGETS}
-                sig_full = {**sig, **{k: "constexpr" for k in ("W_FP4", *_META, "BLOCK_E")}}
+                sig_full = {**sig, **{k: "constexpr" for k in ("W_FP4", *_META, "BLOCK_E", *extra)}}
+                if name == "moe_down":
+                    consts = {t: {k: v for k, v in c.items() if k != "ONE_LOOP"} for t, c in consts.items()}
                 specs.append(AotSpec(f"{name}[{form},{'fp4' if fp4 else 'bf16'}]", fn, sig_full, consts, opts,
                                      uses_dot=True))
     return tuple(specs)

@@ -384,4 +384,9 @@ def load_model(model_dir: str | Path, *, device: torch.device | str, dtype: torc
     else:
         load_checkpoint(model, model_dir, ckpt_cfg, fp8_dtype=fp8_dtype, progress=progress,
                         expert_range=None if hook is None else hook.shard.local)
+    if ops_impl == "triton" or (ops_impl == "auto" and torch.device(device).type != "cpu"):
+        # The fused MoE kernels will run: FP4 experts to their tiled layout (flashport/ops/moe.py).
+        for layer in model.layers:
+            for w in (layer.ffn.experts.w13, layer.ffn.experts.w2):
+                w.tile_for_kernels()
     return model, ckpt_cfg

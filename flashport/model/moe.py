@@ -26,6 +26,7 @@ class ExpertWeight(nn.Module):
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.fmt = fmt
+        self.tiled = False  # FP4 bytes in the kernels' tiled layout (flashport.ops.moe.FP4_TILE)
         E = num_experts
 
         def param(*shape: int, dt: torch.dtype) -> nn.Parameter:
@@ -50,8 +51,24 @@ class ExpertWeight(nn.Module):
         if self.fmt is None:
             return w if w.dtype == dtype else w.to(dtype)
         if self.fmt == "fp4":
+            if self.tiled:
+                from flashport.ops.moe import untile_fp4
+
+                return dequant_fp4(*untile_fp4(w, self.scale[expert]), dtype)
             return dequant_fp4(w, self.scale[expert], dtype)
         return dequant_fp8_blocks(w, self.scale[expert], dtype)
+
+    def tile_for_kernels(self) -> bool:
+        """FP4 weights -> the kernels' tiled layout, in place (after loading; once). -> whether tiled
+        (FP4 with whole 64 x 64 chunks: every V4-Flash expert matrix)."""
+        from flashport.ops.moe import fp4_tileable, tile_fp4_
+
+        if self.fmt != "fp4" or self.tiled or not fp4_tileable(self.weight):
+            return self.tiled
+        with torch.no_grad():
+            tile_fp4_(self.weight, self.scale)
+        self.tiled = True
+        return True
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -92,7 +109,8 @@ class MoE(nn.Module):
         elif impl != REFERENCE and w13.fmt in (None, "fp4"):
             from flashport.ops.moe import fused_moe
 
-            routed = fused_moe(x, weights, experts, w13.weight, w13.scale, w2.weight, w2.scale, self.limit, impl=impl)
+            routed = fused_moe(x, weights, experts, w13.weight, w13.scale, w2.weight, w2.scale, self.limit, impl=impl,
+                               tiled=w13.tiled)
         else:
             routed = self._routed(x, weights, experts)
         if self.shared_experts is None:

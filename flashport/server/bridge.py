@@ -359,8 +359,9 @@ class AsyncEngine:
                     for rid in failed:
                         eng.abort(rid)
                     self._live.clear()
-                if eng.num_steps == steps_before and not failed:
-                    # Nothing could be scheduled (should not happen): don't spin holding the GIL.
+                if eng.num_steps == steps_before and not outputs and not failed:
+                    # Nothing scheduled and nothing returned (only the last launched step collected,
+                    # or nothing could be scheduled): don't spin holding the GIL.
                     with self._cv:
                         self._cv.wait(0.005)
             for out in outputs:

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from flashport.kernels import moe as kmoe  # noqa: E402
 from flashport.kernels import moe_gemm  # noqa: E402
-from flashport.ops.moe import fused_moe_torch  # noqa: E402
+from flashport.ops.moe import fp4_tileable, fused_moe_torch, tile_fp4_  # noqa: E402
 
 H, I, E, K = 4096, 2048, 256, 6
 LIMIT = 10.0
@@ -96,13 +96,18 @@ def ceilings() -> dict:
 
 
 def make_weights(g: torch.Generator) -> dict:
+    # Random FP4 experts, in the engine's tiled layout where the shapes allow (as the loader does).
     def fp4(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
         packed = torch.randint(0, 256, (E, rows, cols // 2), dtype=torch.uint8, device=DEV, generator=g)
         scale = torch.randint(120, 124, (E, rows, cols // 32), dtype=torch.uint8, device=DEV, generator=g)
         return packed, scale
 
     (w13, s13), (w2, s2) = fp4(2 * I, H), fp4(H, I)
-    return dict(w13=w13, w13_scale=s13, w2=w2, w2_scale=s2)
+    tiled = fp4_tileable(w13) and fp4_tileable(w2)
+    if tiled:
+        tile_fp4_(w13, s13)
+        tile_fp4_(w2, s2)
+    return dict(w13=w13, w13_scale=s13, w2=w2, w2_scale=s2, tiled=tiled)
 
 
 def make_inputs(n: int, g: torch.Generator) -> list[dict]:
@@ -123,14 +128,15 @@ def cycling(sets: list[dict], w: dict, fn):
 def breakdown(s: dict, w: dict, form: str) -> dict:
     x, weights, experts = s["x"], s["weights"], s["experts"]
     order, offsets = kmoe.moe_route(experts, E)
-    h = moe_gemm.moe_gate_up(x, order, offsets, K, w["w13"], w["w13_scale"], LIMIT, form)
-    pairs = moe_gemm.moe_down(h, order, offsets, weights.reshape(-1), w["w2"], w["w2_scale"], form)
+    t = w["tiled"]
+    h = moe_gemm.moe_gate_up(x, order, offsets, K, w["w13"], w["w13_scale"], LIMIT, form, tiled=t)
+    pairs = moe_gemm.moe_down(h, order, offsets, weights.reshape(-1), w["w2"], w["w2_scale"], form, tiled=t)
     return dict(
         route_us=1e3 * median_ms(lambda: kmoe.moe_route(experts, E)),
         gate_up_us=1e3 * median_ms(lambda: moe_gemm.moe_gate_up(x, order, offsets, K, w["w13"], w["w13_scale"],
-                                                                LIMIT, form)),
+                                                                LIMIT, form, tiled=t)),
         down_us=1e3 * median_ms(lambda: moe_gemm.moe_down(h, order, offsets, weights.reshape(-1), w["w2"],
-                                                          w["w2_scale"], form)),
+                                                          w["w2_scale"], form, tiled=t)),
         sum_us=1e3 * median_ms(lambda: kmoe.moe_sum(pairs, K)),
     )
 
@@ -182,14 +188,13 @@ def candidates(kernel: str, form: str, short: bool = False) -> list[dict]:
     # stops adding candidates when the budget runs low. `short`: the few left open by the sweep.
     if short and not TINY:
         return [{}] + {
-            # Around the table's pair-order word tiles (PLANES 4, "x2", prefetch): tiles, no prefetch,
-            # and the per-code fp16 decode on the same tiles (what the packed decode buys).
-            ("gate_up", "decode"): [dict(PREFETCH=False), dict(BLOCK_N=128), dict(BLOCK_K=64), dict(BLOCK_K=256),
-                                    dict(DECODE="f16"), dict(num_stages=2)],
-            ("down", "decode"): [dict(PREFETCH=False), dict(BLOCK_N=128), dict(BLOCK_K=64), dict(BLOCK_K=256),
-                                 dict(DECODE="f16"), dict(num_stages=2)],
-            ("gate_up", "prefill"): [],
-            ("down", "prefill"): [],
+            # Around the table's pair-order word tiles (PLANES 4, "x2", prefetch, gate and up in one
+            # K loop, the tiled weight layout): the two-loop gate/up, 128-column K steps.
+            ("gate_up", "decode"): [dict(ONE_LOOP=False), dict(BLOCK_K=128)],
+            ("down", "decode"): [dict(BLOCK_K=128), dict(PREFETCH=False)],
+            # Prefill on the tiled layout (chunks of 64 x 64): 128-column K steps (two chunks per row run).
+            ("gate_up", "prefill"): [dict(BLOCK_K=128), dict(BLOCK_K=128, num_stages=4), dict(BLOCK_N=128, num_warps=8)],
+            ("down", "prefill"): [dict(BLOCK_K=64), dict(BLOCK_N=64), dict(num_stages=4)],
         }[(kernel, form)]
     if TINY:
         return [{}, dict(PLANES=2, PREFETCH=False, DECODE="f32"), dict(PLANES=1, PREFETCH=True)]
@@ -234,7 +239,8 @@ def sweep(w: dict, g: torch.Generator, budget_s: float, short: bool = False) -> 
             routed = []
             for s in sets:
                 order, offsets = kmoe.moe_route(s["experts"], E)
-                h = moe_gemm.moe_gate_up(s["x"], order, offsets, K, w["w13"], w["w13_scale"], LIMIT, form)
+                h = moe_gemm.moe_gate_up(s["x"], order, offsets, K, w["w13"], w["w13_scale"], LIMIT, form,
+                                         tiled=w["tiled"])
                 routed.append((s, order, offsets, h))
             nbytes = distinct_experts(sets) * (gu_bytes() if kernel == "gate_up" else down_bytes())
             flops = n * K * (2 if kernel == "gate_up" else 1) * 2 * H * I
@@ -246,8 +252,10 @@ def sweep(w: dict, g: torch.Generator, budget_s: float, short: bool = False) -> 
         def run(cfg: dict, routed_set: tuple) -> torch.Tensor:
             s, order, offsets, h = routed_set
             if kernel == "gate_up":
-                return moe_gemm.moe_gate_up(s["x"], order, offsets, K, w["w13"], w["w13_scale"], LIMIT, form, cfg)
-            return moe_gemm.moe_down(h, order, offsets, s["weights"].reshape(-1), w["w2"], w["w2_scale"], form, cfg)
+                return moe_gemm.moe_gate_up(s["x"], order, offsets, K, w["w13"], w["w13_scale"], LIMIT, form, cfg,
+                                            tiled=w["tiled"])
+            return moe_gemm.moe_down(h, order, offsets, s["weights"].reshape(-1), w["w2"], w["w2_scale"], form, cfg,
+                                     tiled=w["tiled"])
 
         reference = run(base, cases[0][1][0]).float()  # the table config, first N, first set
         for v in candidates(kernel, form, short):

@@ -61,14 +61,14 @@ def run_requests(engine: Engine, prompts: list[list[int]], max_tokens: int, reco
                  ) -> dict[str, list[int]]:
     runner = engine.runner
     if record is not None:
-        sample = runner._sample
+        sample = runner._launch_sampling
 
         def spy(plan, sampling, logits):
             if runner.graphs is not None and runner.graphs.shape_for(plan) is not None:
                 record.append(logits.detach().clone())
             return sample(plan, sampling, logits)
 
-        runner._sample = spy
+        runner._launch_sampling = spy
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     done: dict[str, list[int]] = {}
     # Requests join over time and finish at different lengths: batch sizes move across buckets.
