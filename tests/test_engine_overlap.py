@@ -165,3 +165,18 @@ def test_overlap_with_graphs_equals_step_by_step_on_gpu(tiny_model_dir):
     assert _without_logprobs(outs[1]) == _without_logprobs(outs[0])
     (k1, v1), (k0, v0) = _flat_logprobs(outs[1]), _flat_logprobs(outs[0])
     assert k1 == k0 and v1 == pytest.approx(v0, abs=1e-4)
+
+
+def test_bench_step_times_with_overlap(tiny_model_dir):
+    # The benchmark's per-step log over an overlapped engine: the same plans as step by step, each
+    # timed from its launch (or the step before it) to its result, so the times add up to the run.
+    from flashport.bench.offline import run_requests
+    from flashport.bench.workload import BenchRequest
+
+    reqs = [BenchRequest(prompt=tuple(range(5, 5 + n)), prompt_len=n, output_len=6) for n in (20, 33, 9)]
+    runs = [run_requests(e, reqs, concurrency=2, label="t", progress=False) for e in _pair(tiny_model_dir)]
+    (plain, overlapped) = runs
+    assert [s.seqs for s in overlapped.steps] == [s.seqs for s in plain.steps]
+    assert all(s.dt > 0 for s in overlapped.steps)
+    assert sum(s.dt for s in overlapped.steps) <= overlapped.duration_s
+    assert sum(s.dt for s in overlapped.steps) > 0.5 * overlapped.duration_s

@@ -136,22 +136,38 @@ def memory_report(engine, peak_allocated: int | None = None) -> dict:
 
 
 class _PlanTap:
-    """Wraps engine.runner.collect to see the plan of each step whose result came back (which
-    sequences, which tokens). With the engine's overlap that is the step launched by the call
-    before: a call's time is then the device's time for that step."""
+    """Wraps engine.runner.launch / collect to see the plan of each step whose result came back
+    (which sequences, which tokens) and its time: from when its launch began, or when the step
+    before it came back if later, to when it came back. With the engine's overlap the step
+    collected by a call was launched by the call before, so that is the device's time for it
+    (the host's work between two steps included); step by step, it is the call's own time."""
 
     def __init__(self, engine) -> None:
         self.runner = engine.runner
-        self.inner = engine.runner.collect
+        self.inner_launch, self.inner_collect = engine.runner.launch, engine.runner.collect
         self.last: list[tuple[str, int, int]] = []  # (request id, new tokens, context after)
-        engine.runner.collect = self  # instance attribute: this engine only
+        self.last_dt = 0.0
+        self._launched: dict[int, float] = {}  # id(pending step) -> when its launch began
+        self._prev_end: float | None = None
+        engine.runner.launch, engine.runner.collect = self.launch, self.collect  # this engine only
 
-    def __call__(self, pending):
+    def launch(self, plan, sampling):
+        t = time.perf_counter()
+        pending = self.inner_launch(plan, sampling)
+        self._launched[id(pending)] = t
+        return pending
+
+    def collect(self, pending):
+        result = self.inner_collect(pending)
+        end = time.perf_counter()
+        start = self._launched.pop(id(pending), end)
+        self.last_dt = end - max(start, self._prev_end if self._prev_end is not None else start)
+        self._prev_end = end
         self.last = [(s.request_id, len(s.token_ids), s.start_pos + len(s.token_ids)) for s in pending.plan.seqs]
-        return self.inner(pending)
+        return result
 
     def close(self) -> None:
-        self.runner.collect = self.inner
+        self.runner.launch, self.runner.collect = self.inner_launch, self.inner_collect
 
 
 @dataclass
@@ -194,7 +210,6 @@ def run_requests(engine, requests: list[BenchRequest], concurrency: int, *, labe
     truncated = False
     prompt0 = engine.num_prompt_tokens_computed
     overlap = getattr(engine, "overlap", False)
-    t_prev: float | None = None
     start = time.perf_counter()
     bar = tqdm(total=len(requests), desc=label, disable=not progress, mininterval=2.0)
     try:
@@ -214,16 +229,14 @@ def run_requests(engine, requests: list[BenchRequest], concurrency: int, *, labe
                 inflight.add(rid)
             t0 = time.perf_counter()
             outs = engine.step()
-            if overlap:  # the step collected now ran on the device since the previous call's launch
-                t0 = t_prev if t_prev is not None else t0
-            else:
+            if not overlap:
                 _sync(engine)
-            t1 = t_prev = time.perf_counter()
+            t1 = time.perf_counter()
             plan = tap.last
             tap.last = []
             if plan:
                 steps.append(StepLog(
-                    dt=t1 - t0, seqs=[(n, ctx) for _, n, ctx in plan],
+                    dt=tap.last_dt if overlap else t1 - t0, seqs=[(n, ctx) for _, n, ctx in plan],
                     prompt_tokens=sum(max(0, min(ctx, prompt_len.get(rid, 0)) - (ctx - n)) for rid, n, ctx in plan),
                     decodes=sum(1 for rid, n, ctx in plan if ctx - n >= prompt_len.get(rid, 0))))
             for out in outs:
