@@ -28,9 +28,10 @@ enforce_eager, and for every step that is not a decode step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from flashport.engine.config import CacheConfig
@@ -41,6 +42,7 @@ from flashport.model.attention import SeqSlice
 from flashport.model.deepseek_v4 import DeepseekV4
 
 _LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+_PAD = object()  # the source of a padding row's block tables (DecodeGraphs._fill_tables)
 MIN_WIDTH = 16  # blocks: the narrowest block-table bucket (2K tokens at B = 128)
 
 
@@ -103,6 +105,11 @@ class _Bucket:
     host: torch.Tensor  # same, pinned on a GPU
     copied: torch.cuda.Event | None = None  # the last upload from `host` (reuse waits for it)
     graph: torch.cuda.CUDAGraph | None = None
+    # The block tables' rows in `host` ([rows, width] views) and the tuple each row was last
+    # written from: a sequence's block tuples are replaced, never mutated, when they change (about
+    # once per block_size tokens), so a row is rewritten only when its tuple is a new object.
+    tables: tuple[np.ndarray, np.ndarray] | None = None  # window, compressed
+    row_src: list[list[object]] = field(default_factory=list)  # [window sources, compressed sources]
 
 
 class DecodeGraphs:
@@ -145,10 +152,11 @@ class DecodeGraphs:
         b = self._bucket(shape)
         n = len(plan.seqs)
         pad = shape.rows - n
-        cache = PagedRowsCache(self.pools, list(plan.seqs), self.pools.cache_cfg.enable_prefix_caching, shape)
+        cache = PagedRowsCache(self.pools, list(plan.seqs), self.pools.cache_cfg.enable_prefix_caching, shape,
+                               tables=False)
         tokens = [s.token_ids[0] for s in plan.seqs] + [0] * pad
         positions = [s.start_pos for s in plan.seqs] + [0] * pad
-        self._upload(b, [tokens, positions, *cache.index_lists])
+        self._upload(b, [tokens, positions, *cache.index_lists], plan.seqs)
         self._run(b)
         return self.logits[:n]
 
@@ -158,21 +166,52 @@ class DecodeGraphs:
         else:
             self._forward(b)
 
-    def _upload(self, b: _Bucket, lists: list[list[int]]) -> None:
+    def _upload(self, b: _Bucket, lists: list[list[int] | None], seqs=None) -> None:
+        """Fill b.host with the step's inputs and copy it to b.dev. Pieces left None (the block
+        tables, PagedRowsCache(tables=False)) are written from `seqs` row by row, only where a row's
+        source tuple changed since the bucket's last step."""
         if b.copied is not None:
             b.copied.synchronize()  # the previous step's copy out of `host` is done
-        sizes = [len(x) for x in lists]
+        sizes = [b.sizes[i] if x is None else len(x) for i, x in enumerate(lists)]
         if sizes != b.sizes:
             raise AssertionError(f"padded inputs: pieces of {sizes} values for a buffer of {b.sizes}")
         host, at = b.host.numpy(), 0
         for x, n in zip(lists, sizes):  # piece by piece: numpy converts each list in C
-            host[at:at + n] = x
+            if x is not None:
+                host[at:at + n] = x
             at += n
+        if lists[4] is None:
+            self._fill_tables(b, seqs)
+        else:  # whole tables written: no row is known any more
+            b.row_src = []
         b.dev.copy_(b.host, non_blocking=True)
         if b.dev.is_cuda:
             if b.copied is None:
                 b.copied = torch.cuda.Event()
             b.copied.record()
+
+    def _fill_tables(self, b: _Bucket, seqs) -> None:
+        rows, width = b.shape.rows, b.shape.width
+        if b.tables is None:
+            host, off = b.host.numpy(), sum(b.sizes[:4])  # pieces: ids, positions, row_seq, window_write, ...
+            b.tables = (host[off:off + rows * width].reshape(rows, width),
+                        host[off + rows * width:off + 2 * rows * width].reshape(rows, width))
+        if not b.row_src:
+            b.row_src = [[None] * rows, [None] * rows]
+        scratch = self.pools.scratch_window_block
+        for t, (table, src) in enumerate(zip(b.tables, b.row_src)):
+            for i in range(rows):
+                blocks = (seqs[i].window_blocks if t == 0 else seqs[i].comp_blocks) if i < len(seqs) else _PAD
+                if src[i] is blocks:
+                    continue
+                if blocks is _PAD:  # a padding row: the scratch window block, no compressed blocks
+                    table[i] = -1
+                    if t == 0:
+                        table[i, 0] = scratch
+                else:
+                    table[i, :len(blocks)] = blocks
+                    table[i, len(blocks):] = -1
+                src[i] = blocks
 
     # ------------------------------------------------------------------ device side
     def _bucket(self, shape: PaddedShape) -> _Bucket:

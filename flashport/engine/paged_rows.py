@@ -47,7 +47,9 @@ class PaddedShape:
 
 class PagedRowsCache:
     def __init__(self, pools: StatePools, seqs: list[ScheduledSeq], record_boundaries: bool,
-                 padded: PaddedShape | None = None) -> None:
+                 padded: PaddedShape | None = None, tables: bool = True) -> None:
+        # tables=False (padded decode steps only): the block tables (index_lists[2:4]) are left None
+        # for the caller to fill (DecodeGraphs keeps each row's table between steps).
         self.pools, self.cfg = pools, pools.cfg
         cfg: ModelConfig = pools.cfg
         B = pools.cache_cfg.block_size
@@ -69,8 +71,9 @@ class PagedRowsCache:
             wb, cb = s.window_blocks, s.comp_blocks
             row_seq += [i] * n
             window_write += [wb[t // B] * B + t % B for t in range(start, end)]
-            wtab += list(wb) + [-1] * (w_max - len(wb))
-            ctab += list(cb) + [-1] * (c_max - len(cb))
+            if tables:
+                wtab += list(wb) + [-1] * (w_max - len(wb))
+                ctab += list(cb) + [-1] * (c_max - len(cb))
             if n == 1:
                 e = end // m - 1  # the CSA entry this token closes, if end % m == 0
                 eh = end // mh - 1
@@ -90,14 +93,18 @@ class PagedRowsCache:
             pad = padded.rows - num_seqs
             row_seq += range(num_seqs, padded.rows)
             window_write += [pools.scratch_window_block * B] * pad
-            wtab += ([pools.scratch_window_block] + [-1] * (w_max - 1)) * pad
-            ctab += [-1] * (c_max * pad)
+            if tables:
+                wtab += ([pools.scratch_window_block] + [-1] * (w_max - 1)) * pad
+                ctab += [-1] * (c_max * pad)
             dec[0].extend(range(num_seqs, padded.rows))
             dec[1].extend([pools.scratch_slot] * pad)
             for k in range(2, 6):
                 dec[k].extend([0 if k == 2 else -1] * pad)
             num_seqs = padded.rows
-        self.index_lists = [row_seq, window_write, wtab, ctab, *dec, *chunk_lists]
+        if not tables and padded is None:
+            raise ValueError("tables=False is for padded decode steps only")
+        self.index_lists = [row_seq, window_write, wtab if tables else None, ctab if tables else None, *dec,
+                            *chunk_lists]
         self._num_seqs, self._w_max, self._c_max = num_seqs, w_max, c_max
         self._chunk_meta = chunks
 

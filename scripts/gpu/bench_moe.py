@@ -189,12 +189,13 @@ def candidates(kernel: str, form: str, short: bool = False) -> list[dict]:
     if short and not TINY:
         return [{}] + {
             # Around the table's pair-order word tiles (PLANES 4, "x2", prefetch, gate and up in one
-            # K loop, the tiled weight layout): the two-loop gate/up, 128-column K steps.
-            ("gate_up", "decode"): [dict(ONE_LOOP=False), dict(BLOCK_K=128)],
-            ("down", "decode"): [dict(BLOCK_K=128), dict(PREFETCH=False)],
-            # Prefill on the tiled layout (chunks of 64 x 64): 128-column K steps (two chunks per row run).
-            ("gate_up", "prefill"): [dict(BLOCK_K=128), dict(BLOCK_K=128, num_stages=4), dict(BLOCK_N=128, num_warps=8)],
-            ("down", "prefill"): [dict(BLOCK_K=64), dict(BLOCK_N=64), dict(num_stages=4)],
+            # K loop, the tiled weight layout): no prefetch (fewer registers, more programs per SM),
+            # 128-row tiles with 8 warps, the two-loop gate/up, 128-column K steps.
+            ("gate_up", "decode"): [dict(PREFETCH=False), dict(BLOCK_N=128, num_warps=8), dict(ONE_LOOP=False),
+                                    dict(PREFETCH=False, BLOCK_K=128)],
+            ("down", "decode"): [dict(PREFETCH=False), dict(BLOCK_N=128, num_warps=8), dict(BLOCK_K=128)],
+            ("gate_up", "prefill"): [],
+            ("down", "prefill"): [],
         }[(kernel, form)]
     if TINY:
         return [{}, dict(PLANES=2, PREFETCH=False, DECODE="f32"), dict(PLANES=1, PREFETCH=True)]
