@@ -12,7 +12,8 @@ fixed sequence of launches once its shapes are fixed. So the step is padded:
   longest sequence instead of max_model_len.
 
 Each (rows, width) bucket owns a device int64 input buffer and a pinned host copy of it, filled
-in place each step (one host-to-device copy); the forward reads its inputs from that buffer only,
+in place each step (one host-to-device copy; the block-table rows are rewritten only when a
+sequence's block tuple changed, so the host's input build stays small next to the step); the forward reads its inputs from that buffer only,
 so a captured graph (torch.cuda.CUDAGraph: CUDA graphs, or HIP graphs on ROCm) replays it. The
 logits of all buckets land in one fp32 buffer; sampling stays outside the graph (runner.py).
 
