@@ -27,6 +27,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_dense_forward_through_ops_equals_reference(tiny_model_dir, impl):
     ref, cfg = load_model(tiny_model_dir, device="cpu", dtype=torch.float32, progress=False)
     ops, _ = load_model(tiny_model_dir, device="cpu", dtype=torch.float32, progress=False, ops_impl=impl)
+    # Where the kernels run, the FP4 experts are loaded into their tiled layout (the reference's are not).
+    assert all(w.tiled == (impl == "triton")
+               for layer in ops.layers for w in (layer.ffn.experts.w13, layer.ffn.experts.w2))
+    assert not any(layer.ffn.experts.w13.tiled for layer in ref.layers)
     g = torch.Generator().manual_seed(11)
     n = 23 if impl == "torch" else 10  # the interpreter is slow; 10 tokens still close CSA and HCA blocks
     ids = torch.randint(2, cfg.vocab_size, (n,), generator=g)
