@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute on the fused MoE's decode kernels (V4-Flash shapes, N = 64 tokens, FP4 experts), if
 # ncu is installed on the device machine: throughput, memory, warp-stall and occupancy sections.
+# N >= PREFILL_MIN_TOKENS profiles the prefill form.
 # Usage (repo root): bash scripts/gpu/ncu_moe.sh [N] [KEY=VALUE ...]   (decode-table overrides, both kernels)
 set -u
 N=${1:-64}
@@ -27,7 +28,7 @@ g = torch.Generator(device=b.DEV).manual_seed(0)
 w = b.make_weights(g)
 s = b.make_inputs($N, g)[0]
 for _ in range(3):
-    kmoe.fused_moe_triton(**s, **w, limit=b.LIMIT, form="decode")
+    kmoe.fused_moe_triton(**s, **w, limit=b.LIMIT)  # the form by N, as the engine picks it
 torch.cuda.synchronize()
 PY
 "$NCU" --target-processes all -k regex:_moe_ --launch-skip 3 --launch-count 2 \
