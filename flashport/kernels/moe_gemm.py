@@ -262,9 +262,10 @@ def _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K:
                     TILED: tl.constexpr = False):
     # As _fp4_load, in 32-bit words (8 codes each, a quarter of the registers of bytes):
     # words [BLOCK_N, G, 4] of input columns k0 .. k0 + BLOCK_K and scales [BLOCK_N, G, 1].
-    # TILED: the expert's matrix stored in 64-row x 64-column chunks (tiled_fp4: chunk (r, c) =
-    # rows 64r.., columns 64c.. = 64 x 32 contiguous bytes, its scales 64 x 2 contiguous bytes), so
-    # a 64-row K step is one contiguous run instead of 64 runs of 32 bytes 2 KB apart.
+    # TILED: the expert's matrix stored in 64-row x 64-column chunks (flashport/ops/moe.py, FP4_TILE =
+    # 64, which the constants below assume: chunk (r, c) = rows 64r.., columns 64c.., 64 x 32
+    # contiguous bytes = 512 words, its scales 64 x 2 contiguous bytes), so a 64-row K step is one
+    # contiguous run instead of 64 runs of 32 bytes 2 KB apart.
     G: tl.constexpr = BLOCK_K // 32
     g = k0 // 32 + tl.arange(0, G)
     ok = n_ok[:, None, None] & (g < K // 32)[None, :, None]
@@ -680,14 +681,16 @@ def _aot_specs() -> tuple[AotSpec, ...]:
         for name, fn, sig, table in (("moe_gate_up", _moe_gate_up_kernel, gate_up, GATE_UP_CONFIGS),
                                      ("moe_down", _moe_down_kernel, down, DOWN_CONFIGS)):
             for form in FORMS:
-                extra = ("ONE_LOOP", "TILED") if name == "moe_gate_up" else ("TILED",)
                 # TILED: the engine's FP4 layout (flashport.ops.moe.FP4_TILE); plain weights are never tiled.
-                consts = {t: {"W_FP4": fp4, "BLOCK_E": 256, **{k: table[t][form][k] for k in _META},
-                              "ONE_LOOP": table[t][form].get("ONE_LOOP", False), "TILED": fp4} for t in TARGETS}
+                def extra(t: str) -> dict:
+                    one_loop = {"ONE_LOOP": table[t][form].get("ONE_LOOP", False)} if name == "moe_gate_up" else {}
+                    return {**one_loop, "TILED": fp4}
+
+                consts = {t: {"W_FP4": fp4, "BLOCK_E": 256, **{k: table[t][form][k] for k in _META}, **extra(t)}
+                          for t in TARGETS}
                 opts = {t: _launch_options(table[t][form]) for t in TARGETS}
-                sig_full = {**sig, **{k: "constexpr" for k in ("W_FP4", *_META, "BLOCK_E", *extra)}}
-                if name == "moe_down":
-                    consts = {t: {k: v for k, v in c.items() if k != "ONE_LOOP"} for t, c in consts.items()}
+                const_names = ("W_FP4", *_META, "BLOCK_E", *extra(next(iter(TARGETS))))
+                sig_full = {**sig, **{k: "constexpr" for k in const_names}}
                 specs.append(AotSpec(f"{name}[{form},{'fp4' if fp4 else 'bf16'}]", fn, sig_full, consts, opts,
                                      uses_dot=True))
     return tuple(specs)
