@@ -22,7 +22,7 @@ from flashport.engine.paged_cache import PagedCache
 from flashport.engine.paged_rows import PagedRowsCache
 from flashport.engine.plan import SchedulerOutput, StepResult
 from flashport.engine.pools import StatePools
-from flashport.engine.sampler import SamplingTensors, compute_logprobs, sample, to_logprob_dicts
+from flashport.engine.sampler import SamplingTensors, compute_logprobs, sample, to_device, to_logprob_dicts
 from flashport.model.attention import SeqSlice
 from flashport.model.deepseek_v4 import DeepseekV4
 from flashport.model.layers import REFERENCE
@@ -123,7 +123,7 @@ class ModelRunner:
             if last_rows == list(range(first, first + len(last_rows))):  # every decode step: a slice
                 lg = logits[first: first + len(last_rows)]
             else:
-                lg = logits.index_select(0, _device_ints(last_rows, logits.device))
+                lg = logits.index_select(0, to_device(torch.tensor(last_rows), logits.device))
             t = SamplingTensors.build([i.params for i in info], [i.seed for i in info],
                                       [len(i.output_ids) for i in info], [i.prompt_ids for i in info],
                                       [i.output_ids for i in info], lg.shape[-1], lg.device)
@@ -139,7 +139,7 @@ class ModelRunner:
             nxt = info.prompt_ids[s.start_pos + 1: s.start_pos + len(s.token_ids) + 1]
             if nxt:
                 k = info.params.prompt_logprobs
-                out = compute_logprobs(logits[row: row + len(nxt)], _device_ints(nxt, logits.device), k)
+                out = compute_logprobs(logits[row: row + len(nxt)], to_device(torch.tensor(nxt), logits.device), k)
                 p.prompt.append((s.request_id, s.start_pos + 1, nxt, k, tuple(_to_host(x) for x in out)))
         if logits.is_cuda:
             p.done = torch.cuda.Event()
@@ -165,12 +165,6 @@ class ModelRunner:
             dicts = to_logprob_dicts(nxt, *out, num_top=k)
             result.prompt_logprobs[rid] = (first, [_trim(d, c, k) for d, c in zip(dicts, nxt)])
         return result
-
-
-def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:
-    """A host int list -> int64 on the device without waiting for the device (pinned, async)."""
-    x = torch.tensor(values, dtype=torch.long)
-    return x if device.type == "cpu" else x.pin_memory().to(device, non_blocking=True)
 
 
 def _to_host(x: torch.Tensor) -> torch.Tensor:

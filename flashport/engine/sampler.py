@@ -69,21 +69,21 @@ class SamplingTensors:
         greedy = [p.greedy for p in params]
         rand = [p for p, g in zip(params, greedy) if not g]
         top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
-        floats = _to_device(torch.tensor([[0.0 if g else p.temperature for p, g in zip(params, greedy)],
+        floats = to_device(torch.tensor([[0.0 if g else p.temperature for p, g in zip(params, greedy)],
                                           [p.top_p for p in params], [p.min_p for p in params]],
                                          dtype=torch.float32), device)
-        ints = _to_device(torch.tensor([top_k, [_as_int64(s) for s in seeds], list(steps)], dtype=torch.int64), device)
+        ints = to_device(torch.tensor([top_k, [_as_int64(s) for s in seeds], list(steps)], dtype=torch.int64), device)
         active_k = [k for k, g in zip(top_k, greedy) if not g and k < V]
         t = cls(temperature=floats[0], top_p=floats[1], min_p=floats[2], top_k=ints[0], seed=ints[1], step=ints[2],
                 all_greedy=not rand, do_top_k=bool(active_k), top_k_max=max(active_k, default=0),
                 do_top_p=any(p.top_p < 1 for p in rand), do_min_p=any(p.min_p > 0 for p in rand))
         if rand and len(rand) < B:
-            t.random_rows = _to_device(torch.tensor([i for i, g in enumerate(greedy) if not g]), device)
+            t.random_rows = to_device(torch.tensor([i for i, g in enumerate(greedy) if not g]), device)
         pen = [p.has_penalties for p in params]
         if any(pen):
             if output_ids is None:
                 raise ValueError("a row has penalties: output_ids are needed")
-            pf = _to_device(torch.tensor([[p.presence_penalty for p in params], [p.frequency_penalty for p in params],
+            pf = to_device(torch.tensor([[p.presence_penalty for p in params], [p.frequency_penalty for p in params],
                                           [p.repetition_penalty for p in params]], dtype=torch.float32), device)
             t.presence_penalty, t.frequency_penalty, t.repetition_penalty = pf[0], pf[1], pf[2]
             t.output_ids = _ids_tensor(output_ids, pen, device)
@@ -276,7 +276,7 @@ def _ids_tensor(ids: Sequence[Sequence[int]] | torch.Tensor, use: list[bool], de
     A ready tensor is used as it is: rows without penalties are left unchanged by them anyway."""
     if isinstance(ids, torch.Tensor):
         return ids.to(device=device, dtype=torch.int64, non_blocking=True)
-    return _to_device(_pad([r if u else () for r, u in zip(ids, use)]), device)
+    return to_device(_pad([r if u else () for r, u in zip(ids, use)]), device)
 
 
 def _pad(rows: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -292,7 +292,8 @@ def _pad_to_last(ids: torch.Tensor, V: int) -> torch.Tensor:
     return torch.where(ids < 0, V, ids)  # padding goes to the extra column V, dropped afterwards
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor -> `device` without waiting for the device (pinned, non-blocking copy)."""
     if device.type == "cpu":
         return x
     return x.pin_memory().to(device, non_blocking=True)

@@ -156,6 +156,18 @@ def _load_w(w_ptr, n, n_ok, stride_wn, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _tiled_chunks(s_ptr, n, g, ok, K):
+    # The tiled layout (see _fp4_load_words) for rows n [BN] and scale groups g [G]: -> the chunk
+    # index [BN, G, 1], the row in the chunk [BN, 1, 1], the group's half of the chunk's 64 columns
+    # [1, G, 1], and the scales [BN, G, 1] (64 x 2 bytes per chunk).
+    nn = n[:, None, None]
+    g3 = g[None, :, None]
+    chunk = (nn // 64) * (K // 64) + g3 // 2
+    s = tl.load(s_ptr + chunk * 128 + (nn % 64) * 2 + g3 % 2, mask=ok, other=127)
+    return chunk, nn % 64, g3 % 2, s
+
+
+@triton.jit
 def _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K: tl.constexpr,
               TILED: tl.constexpr = False):
     # FP4 tile of output rows n [BLOCK_N] at input columns k0 .. k0 + BLOCK_K (k0 % 32 == 0):
@@ -166,12 +178,8 @@ def _fp4_load(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K: tl.co
     g = k0 // 32 + tl.arange(0, G)  # [G] scale group of each 16-byte run
     ok = n_ok[:, None, None] & (g < K // 32)[None, :, None]
     if TILED:
-        nn = n[:, None, None]
-        g3 = g[None, :, None]
-        chunk = (nn // 64) * (K // 64) + g3 // 2  # [BN, G, 1]
-        b = tl.load(w_ptr + chunk * 2048 + (nn % 64) * 32 + 16 * (g3 % 2) + tl.arange(0, 16)[None, None, :],
-                    mask=ok, other=0)
-        s = tl.load(s_ptr + chunk * 128 + (nn % 64) * 2 + g3 % 2, mask=ok, other=127)
+        chunk, row, half, s = _tiled_chunks(s_ptr, n, g, ok, K)
+        b = tl.load(w_ptr + chunk * 2048 + row * 32 + 16 * half + tl.arange(0, 16)[None, None, :], mask=ok, other=0)
         return b, s
     n3 = n[:, None, None] * stride_wn
     b = tl.load(w_ptr + n3 + (16 * g)[None, :, None] + tl.arange(0, 16)[None, None, :], mask=ok, other=0)
@@ -271,12 +279,8 @@ def _fp4_load_words(w_ptr, s_ptr, n, n_ok, stride_wn, stride_sn, k0, K, BLOCK_K:
     ok = n_ok[:, None, None] & (g < K // 32)[None, :, None]
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
     if TILED:
-        nn = n[:, None, None]
-        g3 = g[None, :, None]
-        chunk = (nn // 64) * (K // 64) + g3 // 2  # [BN, G, 1]
-        b = tl.load(w32 + chunk * 512 + (nn % 64) * 8 + 4 * (g3 % 2) + tl.arange(0, 4)[None, None, :], mask=ok,
-                    other=0)
-        s = tl.load(s_ptr + chunk * 128 + (nn % 64) * 2 + g3 % 2, mask=ok, other=127)
+        chunk, row, half, s = _tiled_chunks(s_ptr, n, g, ok, K)
+        b = tl.load(w32 + chunk * 512 + row * 8 + 4 * half + tl.arange(0, 4)[None, None, :], mask=ok, other=0)
         return b, s
     n3 = n[:, None, None] * tl.multiple_of(stride_wn // 4, 4)  # K / 2 bytes a row, K % 32 == 0
     b = tl.load(w32 + n3 + (4 * g)[None, :, None] + tl.arange(0, 4)[None, None, :], mask=ok, other=0)

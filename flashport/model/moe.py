@@ -15,7 +15,7 @@ from torch import nn
 
 from flashport.config import HASH_MOE, ModelConfig
 from flashport.model.layers import REFERENCE, Linear
-from flashport.model.quant import FP4_GROUP, dequant_fp4, dequant_fp8_blocks
+from flashport.model.quant import FP4_GROUP, dequant_fp8_blocks
 
 
 class ExpertWeight(nn.Module):
@@ -51,11 +51,9 @@ class ExpertWeight(nn.Module):
         if self.fmt is None:
             return w if w.dtype == dtype else w.to(dtype)
         if self.fmt == "fp4":
-            if self.tiled:
-                from flashport.ops.moe import untile_fp4
+            from flashport.ops.moe import expert_dense  # the twin's reader: row or tiled layout
 
-                return dequant_fp4(*untile_fp4(w, self.scale[expert]), dtype)
-            return dequant_fp4(w, self.scale[expert], dtype)
+            return expert_dense(self.weight, self.scale, expert, dtype, self.tiled)
         return dequant_fp8_blocks(w, self.scale[expert], dtype)
 
     def tile_for_kernels(self) -> bool:
